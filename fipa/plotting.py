@@ -20,6 +20,24 @@ def _pyplot():
     return plt
 
 
+def save_predictions(path: Path, x: Tensor, target: Tensor, prediction: Tensor, boxes: Sequence[Box]) -> None:
+    """predictions.npz: the final global model on the task's plotting points, with the client regions.
+
+    Keys x (n, d), target (n,), prediction (n,), region_lo / region_hi (clients, d); scripts/plot.py and the
+    notebooks draw the paper's fitted-function panels and error maps from it without rebuilding the model.
+    """
+    import numpy as np
+
+    np.savez_compressed(
+        path,
+        x=x.detach().cpu().numpy(),
+        target=target.detach().reshape(len(x)).cpu().numpy(),
+        prediction=prediction.detach().reshape(len(x)).cpu().numpy(),
+        region_lo=np.array([lo for lo, _ in boxes], dtype=float),
+        region_hi=np.array([hi for _, hi in boxes], dtype=float),
+    )
+
+
 def shade_regions_1d(ax, boxes: Sequence[Box]) -> None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for m, (lo, hi) in enumerate(boxes):

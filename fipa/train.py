@@ -154,6 +154,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     summary: dict[str, Any] = {"status": "failed"}
     try:
         summary = trainer.fit()
+        save_model(trainer.module.model, output_dir / "model.pt")
         trainer.task.save_artifacts(trainer.module.model, output_dir)
     finally:
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -162,6 +163,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         for recorder in trainer.recorders:
             recorder.finish(summary)
     return summary
+
+
+def save_model(model, path: Path) -> None:
+    """model.pt: the final global state_dict (load with torch.load(path, weights_only=True))."""
+    import torch
+
+    torch.save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, path)
 
 
 def summary_line(summary: dict[str, Any]) -> str:

@@ -258,19 +258,35 @@ class PINNTask(FederatedTask):
     def save_artifacts(self, model: nn.Module, output_dir) -> None:
         """1-D: solution.png (prediction vs exact, client strips shaded); 2-D: error_map.png (exact, predicted,
         |error|); d >= 3: error_map.png of the slice x_3 = ... = x_d = 0.5."""
+        from fipa.plotting import save_predictions
+
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
+            x = self.plot_points()
+            strips = [((lo,) + (0.0,) * (self.dim - 1), (hi,) + (1.0,) * (self.dim - 1))
+                      for lo, hi in zip(self.edges[:-1], self.edges[1:])]
+            save_predictions(output_dir / "predictions.npz", x, self.pde.exact(x), model(x), strips)
             if self.dim == 1:
                 self._plot_1d(model, output_dir / "solution.png")
             else:
                 self._plot_map(model, output_dir / "error_map.png")
 
+    def plot_points(self, resolution: int = 128) -> Tensor:
+        """1-D: the test points (at least 1024 equispaced); d >= 2: a grid over (x_1, x_2), other coordinates 0.5."""
+        if self.dim == 1:
+            return self.test_x if len(self.test_x) >= 256 else make_test_points(1, 1024, None, self.test_x.dtype)
+        axis = torch.linspace(0.0, 1.0, resolution, dtype=self.test_x.dtype)
+        grid = torch.cartesian_prod(axis, axis)  # (x1, x2), x2 fastest
+        x = torch.full((len(grid), self.dim), 0.5, dtype=grid.dtype)
+        x[:, :2] = grid
+        return x
+
     def _plot_1d(self, model: nn.Module, path: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        x = self.test_x if len(self.test_x) >= 256 else make_test_points(1, 1024, None, self.test_x.dtype)
+        x = self.plot_points()
         exact, pred = self.pde.exact(x), model(x).squeeze(-1)
         fig = Figure(figsize=(7, 5.5))
         FigureCanvasAgg(fig)
@@ -295,10 +311,7 @@ class PINNTask(FederatedTask):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        axis = torch.linspace(0.0, 1.0, resolution, dtype=self.test_x.dtype)
-        grid = torch.cartesian_prod(axis, axis)  # (x1, x2), x2 fastest
-        x = torch.full((len(grid), self.dim), 0.5, dtype=grid.dtype)
-        x[:, :2] = grid
+        x = self.plot_points(resolution)
         exact = self.pde.exact(x).reshape(resolution, resolution).T  # rows: x2, columns: x1
         pred = model(x).squeeze(-1).reshape(resolution, resolution).T
         fig = Figure(figsize=(13, 4))

@@ -94,10 +94,12 @@ class RegressionTask(FederatedTask):
 
     @torch.no_grad()
     def save_artifacts(self, model: nn.Module, output_dir) -> None:
-        """fit.png: the fitted function against the target, client regions shaded (1-D), or the error map (2-D)."""
-        from fipa.plotting import plot_fit_1d, plot_error_map_2d
+        """fit.png: the fitted function against the target, client regions shaded (1-D), or the error map (2-D);
+        predictions.npz: the same numbers, for scripts/plot.py."""
+        from fipa.plotting import plot_error_map_2d, plot_fit_1d, save_predictions
 
         prediction = model(self.test_inputs)
+        save_predictions(Path(output_dir) / "predictions.npz", self.test_inputs, self.test_targets, prediction, self.boxes)
         if self.input_dim == 1:
             plot_fit_1d(self.test_inputs, self.test_targets, prediction, self.boxes, Path(output_dir) / "fit.png")
         elif self.input_dim == 2:

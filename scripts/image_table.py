@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Run (or resume) the image-classification comparison of FIPA_SPEC 5.3 and tabulate it.
+
+For every client method and seed: a FedAvg warm-up of W rounds that saves a checkpoint, then P more rounds
+branched from that checkpoint, one run per variant:
+
+    fedavg           FedAvg continues unchanged (the paper's baseline)
+    fedavg_lr01      FedAvg with the FIPA phase's client learning rate x0.1 (separates the lr cut from FIPA)
+    fipa             full-model FIPA, damped solve (aggregator=fipa_damped), client lr x0.1
+    fipa_lastlayer   last-layer FIPA (r 10, s 10, q 2, beta 0.01, gamma 1), other layers frozen, client lr x0.1
+
+    python scripts/image_table.py --seeds 0 1 2 --out results/image
+    python scripts/image_table.py --clients fedprox scaffold --variants fedavg fipa_lastlayer --out results/image
+    python scripts/image_table.py --collect-only --out results/image
+
+Runs go to OUT/<client>/warmup/seed<k>/ and OUT/<client>/<variant>/seed<k>/; a run whose summary.json says
+"completed" is not repeated, so an interrupted study resumes. Runs are made one at a time, seed by seed, so
+the first seeds' full comparison is available early. Writes OUT/results.csv (one row per branch run),
+OUT/table.md (test accuracy after the branch phase: mean +- std over seeds, and the change from the warm-up)
+and OUT/<client>.png (accuracy against round, the switch round marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+CLIENTS = ["plain", "fedprox", "scaffold", "moon"]
+VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
+    "fedavg": [],
+    "fedavg_lr01": ["schedule.after=fedavg"],
+    "fipa": ["schedule.after=fipa_damped"],
+    "fipa_lastlayer": ["schedule.after=fipa_lastlayer"],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from fipa.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def completed(run_dir: Path) -> dict | None:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" else None
+
+
+def warmup_overrides(args, client: str, seed: int) -> list[str]:
+    return [
+        f"experiment={args.experiment}", f"client={client}", f"seed={seed}",
+        f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.warmup}", *args.override,
+    ]
+
+
+def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path) -> list[str]:
+    switch = [f"schedule.switch_round={args.warmup}"] if VARIANTS[variant] else []
+    return [
+        f"experiment={args.experiment}", f"client={client}", f"seed={seed}", f"init_from={checkpoint}",
+        f"federation.rounds={args.warmup + args.phase}", *switch, *VARIANTS[variant], *args.override,
+    ]
+
+
+def run_all(args) -> None:
+    from fipa.train import run, summary_line
+
+    def run_once(overrides: list[str], run_dir: Path) -> None:
+        if completed(run_dir):
+            return
+        print(f"[image_table] {' '.join(overrides)}", flush=True)
+        print(summary_line(run(compose(overrides), run_dir)), flush=True)
+
+    for seed in args.seeds:
+        for client in args.clients:
+            warmup_dir = args.out / client / "warmup" / f"seed{seed}"
+            run_once(warmup_overrides(args, client, seed), warmup_dir)
+            checkpoint = warmup_dir / "checkpoints" / f"round_{args.warmup}.pt"
+            for variant in args.variants:
+                run_dir = args.out / client / variant / f"seed{seed}"
+                run_once(branch_overrides(args, client, variant, seed, checkpoint), run_dir)
+
+
+def final_accuracy(run_dir: Path) -> tuple[float, int]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["test_acc"], summary["rounds_completed"]
+
+
+def collect(out: Path) -> list[dict]:
+    rows = []
+    for summary_file in sorted(out.glob("*/*/seed*/summary.json")):
+        run_dir = summary_file.parent
+        client, variant = run_dir.parent.parent.name, run_dir.parent.name
+        warmup_dir = out / client / "warmup" / run_dir.name
+        if variant == "warmup" or not completed(run_dir) or not completed(warmup_dir):
+            continue
+        acc, rounds = final_accuracy(run_dir)
+        warmup_acc, warmup_rounds = final_accuracy(warmup_dir)
+        rows.append({
+            "client": client,
+            "variant": variant,
+            "seed": int(run_dir.name.removeprefix("seed")),
+            "warmup_rounds": warmup_rounds,
+            "rounds": rounds,
+            "warmup_test_acc": warmup_acc,
+            "test_acc": acc,
+            "delta_acc": acc - warmup_acc,
+            "phase_s": round(_phase_seconds(run_dir, warmup_rounds), 2),
+            "dir": str(run_dir),
+        })
+    return rows
+
+
+def _phase_seconds(run_dir: Path, after_round: int) -> float:
+    with open(run_dir / "metrics.csv") as f:
+        return sum(float(m["round_s"]) for m in csv.DictReader(f) if int(m["round"]) > after_round)
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+
+
+def write_tables(rows: list[dict], out: Path) -> str:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "test accuracy (%) after the branch phase: mean ± std over seeds; change from the warm-up checkpoint; "
+        "seeds; median phase seconds",
+        "",
+        "| client | variant | warm-up acc | final acc | change | seeds | phase s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for client in [c for c in CLIENTS if any(r["client"] == c for r in rows)]:
+        for variant in [v for v in VARIANTS if any(r["client"] == client and r["variant"] == v for r in rows)]:
+            runs = [r for r in rows if r["client"] == client and r["variant"] == variant]
+            lines.append(
+                f"| {client} | {variant} | {_mean_std([r['warmup_test_acc'] for r in runs])} | "
+                f"{_mean_std([r['test_acc'] for r in runs])} | {_mean_std([r['delta_acc'] for r in runs])} | "
+                f"{len(runs)} | {statistics.median(r['phase_s'] for r in runs):.0f} |"
+            )
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    return table
+
+
+def plot_curves(rows: list[dict], out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    colors = {"fedavg": "tab:blue", "fedavg_lr01": "tab:green", "fipa": "tab:red", "fipa_lastlayer": "tab:orange"}
+    for client in sorted({r["client"] for r in rows}):
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        labelled = set()
+        for r in (r for r in rows if r["client"] == client):
+            with open(Path(r["dir"]) / "metrics.csv") as f:
+                metrics = [m for m in csv.DictReader(f) if m.get("test_acc")]
+            ax.plot(
+                [int(m["round"]) for m in metrics],
+                [100 * float(m["test_acc"]) for m in metrics],
+                color=colors.get(r["variant"], "k"), lw=1, alpha=0.8,
+                label=None if r["variant"] in labelled else r["variant"],
+            )
+            labelled.add(r["variant"])
+        ax.axvline(rows[0]["warmup_rounds"] + 0.5, color="gray", ls="--", lw=1)
+        ax.set_xlabel("round (dashed: switch from the warm-up)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"client={client}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{client}.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="fmnist_dirichlet")
+    parser.add_argument("--clients", nargs="+", default=["plain"], choices=CLIENTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--warmup", type=int, default=100, help="FedAvg warm-up rounds (checkpoint at the end)")
+    parser.add_argument("--phase", type=int, default=20, help="rounds after the warm-up")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--out", type=Path, default=Path("results/image"))
+    parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.collect_only:
+        run_all(args)
+    rows = collect(args.out)
+    if not rows:
+        print(f"no completed branch runs under {args.out}", file=sys.stderr)
+        return 1
+    print(write_tables(rows, args.out), end="")
+    plot_curves(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
