@@ -32,6 +32,7 @@ class Recorder(Protocol):
 class FederationConfig:
     rounds: int = 100
     local_epochs: int = 20
+    local_epochs_scale: int = 1  # multiplies local_epochs: "FedAvg with 10x local epochs" across presets' taus
     clients_per_round: int | None = None  # None: all clients, every round
     time_budget_s: float | None = None  # stop once the accumulated round time exceeds it (equal-time protocol)
     eval_every: int = 1
@@ -41,6 +42,7 @@ class FederationConfig:
     def __post_init__(self):
         require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
         require(self.local_epochs >= 1, f"federation.local_epochs must be >= 1, got {self.local_epochs}")
+        require(self.local_epochs_scale >= 1, f"federation.local_epochs_scale must be >= 1, got {self.local_epochs_scale}")
         require(self.eval_every >= 1, f"federation.eval_every must be >= 1, got {self.eval_every}")
         require(
             self.time_budget_s is None or self.time_budget_s > 0,
@@ -144,7 +146,7 @@ class FederatedTrainer:
                 global_params,
                 self.task.client_dataset(client_id),
                 loader,
-                self.federation.local_epochs,
+                self.federation.local_epochs * self.federation.local_epochs_scale,
                 phase.local_trainer,
                 round_idx,
             )

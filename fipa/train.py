@@ -132,14 +132,19 @@ def _instantiate(node: DictConfig, **kwargs):
 def _wandb_recorder(cfg: DictConfig, output_dir: Path, recorder_cls):
     from hydra.core.hydra_config import HydraConfig
 
-    group, name = cfg.logger.group, None
+    group, name, choices = cfg.logger.group, None, {}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         if group is None and hydra_cfg.mode.name == "MULTIRUN":
-            group = str(Path(hydra_cfg.sweep.dir).name)
+            group = str(Path(hydra_cfg.sweep.dir).name)  # runs of one sweep share a wandb group
         name = hydra_cfg.job.override_dirname or None
+        choices = hydra_cfg.runtime.choices
     aggregator = cfg.aggregator._target_.rsplit(".", 1)[-1].lower()
     tags = [*cfg.logger.tags, f"aggregator:{aggregator}", f"seed:{cfg.seed}"]
+    # the preset and other named choices, for filtering in the wandb UI (e.g. preset:poisson_2d, client:scaffold)
+    tags += [f"{'preset' if group_name == 'experiment' else group_name}:{choice}"
+             for group_name, choice in choices.items()
+             if group_name in ("experiment", "variant", "client", "sweep") and choice not in (None, "plain")]
     config = OmegaConf.to_container(cfg, resolve=True)
     return recorder_cls(output_dir, config=config, project=cfg.logger.project, group=group, tags=tags, name=name)
 

@@ -4,13 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config, fipa_cli
 from fipa.errors import ConfigError
 from fipa.train import CONFIG_DIR, build, run
 
-GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger"]
+GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger", "variant"]
 # Small sizes per task option so that building stays fast (digits needs no download).
 TASK_SIZES = {
     "regression_1d": ["task.points_per_client=40"],
@@ -82,6 +84,7 @@ def test_spec_settings_of_the_regression_presets():
         ("federation.clients_per_round=5", "clients_per_round must be between 1 and the number of clients (4)"),
         ("federation.time_budget_s=-1", "time_budget_s must be > 0"),
         ("dtype=float16", "dtype must be one of"),
+        ("federation.local_epochs_scale=0", "federation.local_epochs_scale must be >= 1"),
     ],
 )
 def test_invalid_values_fail_before_training(override, message, tiny_config, tmp_path):
@@ -102,6 +105,7 @@ def test_invalid_values_fail_before_training(override, message, tiny_config, tmp
         (["aggregator=fipa", "aggregator.rank=0"], "aggregator.rank must be >= 1"),
         (["aggregator=fipa", "aggregator.solver=lu"], "aggregator.solver must be one of pinv, damped"),
         (["aggregator=fipa", "aggregator.params=nothing.*"], "matches no parameter"),
+        (["aggregator=fipa", "aggregator.curvature_samples=0"], "aggregator.curvature_samples must be >= 1 or null"),
     ],
 )
 def test_invalid_aggregator_values_fail_before_training(overrides, message, tiny_config, tmp_path):
@@ -129,3 +133,56 @@ def test_cli_invalid_value_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "fipa-train: error: federation.rounds must be >= 1, got 0"
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------- sweep presets
+PHASE_AFTER = {"phase_fedavg": "fedavg", "phase_fedavg_lr01": "fedavg", "phase_fipa": "fipa_damped",
+               "phase_fipa_lastlayer": "fipa_lastlayer"}
+VARIANT_AGGREGATORS = {"fedavg": "FedAvg", "fedavg_10x": "FedAvg", "fedavg_tau1000": "FedAvg", "fipa": "FIPA", "fipa_full": "FIPA"}
+
+
+def sweep_jobs(sweep: str) -> tuple[list[list[str]], object]:
+    """Every job of a sweep preset (first seed only), as override lists, and the sweep's hydra node."""
+    import itertools
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        hydra_node = compose("train", overrides=[f"sweep={sweep}"], return_hydra_config=True).hydra
+    params = {key: str(values).split(",") for key, values in hydra_node.sweeper.params.items()}
+    params["seed"] = params["seed"][:1]
+    jobs = [[f"{k}={v}" for k, v in zip(params, combo)] for combo in itertools.product(*params.values())]
+    return jobs, hydra_node
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_every_job_of_every_sweep_preset_composes(sweep):
+    jobs, hydra_node = sweep_jobs(sweep)
+    assert len(jobs) >= 3
+    for job in jobs:
+        cfg = compose_config(f"sweep={sweep}", *job)
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (e.g. the preset's time budget)
+        variant = dict(o.split("=") for o in job)["variant"]
+        if variant in VARIANT_AGGREGATORS:
+            assert cfg.aggregator._target_.endswith(VARIANT_AGGREGATORS[variant])
+        else:  # the image schedule arms: a FedAvg warm-up, then the arm's rule
+            assert cfg.schedule.switch_round == 100 and cfg.federation.rounds == 120
+            assert cfg.schedule.after == PHASE_AFTER[variant]
+    if "budget" in sweep or "equal_time" in sweep:
+        assert hydra_node.launcher._target_.endswith("BasicLauncher")  # timed jobs never share the cores
+    else:
+        assert hydra_node.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_the_pinn_sweeps_use_each_presets_budget_and_the_10x_arm_scales_its_tau():
+    allen_cahn = compose_config("sweep=pinn_budget", "experiment=allen_cahn", "variant=fedavg_10x")
+    poisson = compose_config("sweep=pinn_budget", "experiment=poisson_2d", "variant=fipa")
+    assert allen_cahn.federation.time_budget_s == 30 and poisson.federation.time_budget_s == 60
+    assert allen_cahn.federation.local_epochs * allen_cahn.federation.local_epochs_scale == 1000
+    assert compose_config("sweep=regression", "experiment=regression_1d_m8", "variant=fedavg_tau1000").federation.local_epochs == 1000
+    assert compose_config("variant=fipa", "experiment=poisson_1d").aggregator.rank == 20
+
+
+def test_local_epochs_scale_multiplies_the_local_epochs(tiny_config, tmp_path):
+    scaled = run(tiny_config("federation.local_epochs=1", "federation.local_epochs_scale=3"), tmp_path / "scaled")
+    plain = run(tiny_config("federation.local_epochs=3"), tmp_path / "plain")
+    assert scaled["test_mse"] == plain["test_mse"]
+    assert run(tiny_config("federation.local_epochs=1"), tmp_path / "one")["test_mse"] != plain["test_mse"]

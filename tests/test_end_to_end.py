@@ -77,13 +77,21 @@ def test_fedprox_client_term_changes_training(tiny_config, tmp_path):
     assert math.isfinite(combined["test_mse"])
 
 
-def test_wandb_logger_writes_an_offline_run(tiny_config, tmp_path, monkeypatch):
+def test_wandb_logger_writes_an_offline_run_with_every_round_and_the_fipa_diagnostics(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run(tiny_config("logger=wandb"), tmp_path)
+    run(tiny_config("logger=wandb", "aggregator=fipa", "federation.rounds=3"), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert any(runs[0].rglob("*.wandb"))  # the run's event log with the per-round metrics
-    assert (tmp_path / "metrics.csv").exists()
+    (log_file,) = runs[0].glob("run-*.wandb")  # the run's event log (protobuf records), what `wandb sync` uploads
+    log = log_file.read_bytes()
+    columns = list(read_rows(tmp_path / "metrics.csv")[0])
+    for column in ("test_mse", "effective_rank_mean", "eigenvalue_min", "update_in_subspace_mean", "bytes_up_eigenvectors"):
+        assert column in columns
+    for column in columns:  # every metrics.csv column is logged once per round (plus the summary)
+        assert log.count(column.encode()) >= 3, column
+    for tag in (b"aggregator:fipa", b"seed:0"):
+        assert tag in log
+    assert b"points_per_client" in log  # the resolved config
 
 
 def test_cli_runs_a_preset_and_prints_the_summary_last(tmp_path):
@@ -125,3 +133,16 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 2 and all((j / "summary.json").exists() for j in jobs)
+
+
+@pytest.mark.slow
+def test_a_sweep_preset_runs_its_arms_as_one_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = fipa_cli(
+        "-m", "sweep=regression", "experiment=regression_1d_m2", "variant=fedavg,fipa", "seed=0",
+        "federation.rounds=2", "federation.local_epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert [s["config"]["aggregator"]["_target_"].rsplit(".", 1)[-1] for s in summaries] == ["FedAvg", "FIPA"]
+    assert all(s["rounds_completed"] == 2 and s["config"]["task"]["edges"] == [0.0, 0.5, 1.0] for s in summaries)

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import math
 
 import pytest
 import torch
@@ -263,3 +264,33 @@ def test_time_budget_stops_the_run(tiny_config, tmp_path):
     summary = run(tiny_config("federation.rounds=50", "federation.time_budget_s=1e-6"), tmp_path)
     assert summary["rounds_completed"] == 1
     assert len(read_rows(tmp_path / "metrics.csv")) == 1
+
+
+def test_round_diagnostics_on_a_hand_example():
+    p = 4
+    e = torch.eye(p, dtype=DT)
+    # client 0 keeps e0, e1 (eigenvalues 2, 2); its update (1, 1, 1, 1) has half its energy in that subspace.
+    # client 1 keeps e2 alone (eigenvalue 0.5); its update lies entirely along e2.
+    u0 = ClientUpdate(0, 10, torch.ones(p, dtype=DT), {"eigenvectors": e[:, :2].contiguous(), "eigenvalues": torch.tensor([2.0, 2.0], dtype=DT)})
+    u1 = ClientUpdate(1, 10, 3 * e[:, 2], {"eigenvectors": e[:, 2:3].contiguous(), "eigenvalues": torch.tensor([0.5], dtype=DT)})
+    aggregator = FIPA(rank=None)
+    fipa_round(aggregator, torch.zeros(p, dtype=DT), [u0, u1], p)
+    diagnostics = aggregator.diagnostics()
+    assert set(diagnostics) == set(aggregator.diagnostic_keys)
+    assert diagnostics["curvature_rank_mean"] == pytest.approx(1.5)
+    assert diagnostics["effective_rank_mean"] == pytest.approx((2.0 + 1.0) / 2)  # two equal eigenvalues count 2
+    assert diagnostics["eigenvalue_max"] == pytest.approx(2.0)
+    assert diagnostics["eigenvalue_min"] == pytest.approx(0.5)
+    assert diagnostics["update_in_subspace_mean"] == pytest.approx((0.5 + 1.0) / 2)
+    assert diagnostics["update_in_subspace_min"] == pytest.approx(0.5)
+
+
+def test_effective_rank_counts_the_directions_that_carry_the_spectrum():
+    from fipa.curvature.eigen import effective_rank
+
+    assert effective_rank(torch.full((5,), 3.0, dtype=DT)) == pytest.approx(5.0)
+    assert effective_rank(torch.tensor([1.0, 1e-12, 1e-12], dtype=DT)) == pytest.approx(1.0, abs=1e-9)
+    lam = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=DT)
+    q = lam / lam.sum()
+    assert effective_rank(lam) == pytest.approx(math.exp(-(q * q.log()).sum().item()))
+    assert effective_rank(torch.zeros(3, dtype=DT)) == 0.0

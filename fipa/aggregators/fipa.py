@@ -16,6 +16,7 @@ from fipa.aggregators import functional as AF
 from fipa.aggregators.base import Aggregator
 from fipa.client import ClientCallback, ClientUpdate
 from fipa.curvature.callback import CurvatureCallback
+from fipa.curvature.eigen import effective_rank
 from fipa.curvature.ggn import ESTIMATORS
 from fipa.errors import require
 from fipa.parameters import FlatParameters
@@ -23,7 +24,14 @@ from fipa.parameters import FlatParameters
 SOLVERS = ("pinv", "damped")
 OTHERS = ("fedavg", "freeze")
 REPRESENTATIONS = ("lowrank", "diagonal")
-DIAGNOSTICS = ("curvature_rank_mean", "eigenvalue_max", "update_in_subspace_mean", "update_in_subspace_min")
+DIAGNOSTICS = (
+    "curvature_rank_mean",  # eigenpairs kept per client (at most r; fewer when the spectrum is shorter)
+    "effective_rank_mean",  # exp(entropy) of each client's kept spectrum, averaged: the directions that matter
+    "eigenvalue_max",  # largest kept eigenvalue over the clients
+    "eigenvalue_min",  # smallest kept eigenvalue over the clients (with eigenvalue_max: the spectrum's range)
+    "update_in_subspace_mean",  # share ||U^T Delta||^2 / ||Delta||^2 of each client's update inside its subspace
+    "update_in_subspace_min",
+)
 
 
 class FIPA(Aggregator):
@@ -41,6 +49,7 @@ class FIPA(Aggregator):
         oversample: int = 10,
         power_iters: int = 2,
         sample_block: int = 256,
+        curvature_samples: int | None = None,
         params: str | list[str] | None = None,
         others: str = "fedavg",
         representation: str = "lowrank",
@@ -64,6 +73,10 @@ class FIPA(Aggregator):
         )
         require(oversample >= 0 and power_iters >= 0, "aggregator.oversample and aggregator.power_iters must be >= 0")
         require(sample_block >= 1, f"aggregator.sample_block must be >= 1, got {sample_block}")
+        require(
+            curvature_samples is None or curvature_samples >= 1,
+            f"aggregator.curvature_samples must be >= 1 or null (all local data), got {curvature_samples}",
+        )
         require(others in OTHERS, f"aggregator.others must be one of {', '.join(OTHERS)}, got {others!r}")
         require(
             representation in REPRESENTATIONS,
@@ -88,6 +101,7 @@ class FIPA(Aggregator):
             oversample=oversample,
             power_iters=power_iters,
             sample_block=sample_block,
+            max_samples=curvature_samples,
             freeze_others=others == "freeze",
             seed=seed,
         )
@@ -164,10 +178,12 @@ class FIPA(Aggregator):
         if self.representation == "diagonal":
             return {}
         ranks = [lam.numel() for lam in self._eigenvalues]
-        top = [float(lam[0]) for lam in self._eigenvalues if lam.numel()]
+        kept = [lam for lam in self._eigenvalues if lam.numel()]
         return {
             "curvature_rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
-            "eigenvalue_max": max(top) if top else 0.0,
+            "effective_rank_mean": sum(effective_rank(lam) for lam in kept) / len(kept) if kept else 0.0,
+            "eigenvalue_max": max(float(lam.max()) for lam in kept) if kept else 0.0,
+            "eigenvalue_min": min(float(lam.min()) for lam in kept) if kept else 0.0,
             "update_in_subspace_mean": sum(self._in_subspace) / len(self._in_subspace) if self._in_subspace else float("nan"),
             "update_in_subspace_min": min(self._in_subspace) if self._in_subspace else float("nan"),
         }

@@ -10,6 +10,7 @@ from fipa.curvature.ggn import (
     factor_rows,
     flatten_params,
     output_factors,
+    subsample_groups,
     unflatten_like,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "flatten_params",
     "output_factors",
     "randomized_eigenpairs",
+    "subsample_groups",
     "top_eigenpairs_from_rows",
     "unflatten_like",
 ]

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fipa.client import ClientCallback
 from fipa.curvature.eigen import LowRankCurvature, randomized_eigenpairs, top_eigenpairs_from_rows
-from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows
+from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows, subsample_groups
 from fipa.seeding import CURVATURE, torch_generator
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class CurvatureCallback(ClientCallback):
         oversample: int = 10,
         power_iters: int = 2,
         sample_block: int = 256,
+        max_samples: int | None = None,
         params: list[str] | None = None,
         freeze_others: bool = False,
         seed: int = 0,
@@ -81,6 +82,7 @@ class CurvatureCallback(ClientCallback):
         self.oversample = oversample
         self.power_iters = power_iters
         self.sample_block = sample_block
+        self.max_samples = max_samples
         self.param_names: list[str] | None = None  # set by the aggregator's bind(); None: all parameters
         self.freeze_others = freeze_others
         self.seed = seed
@@ -140,11 +142,11 @@ class CurvatureCallback(ClientCallback):
         try:
             selected = set(self._selected_names(pl_module))
             params = {n: p.detach() for n, p in pl_module.model.named_parameters() if n in selected}
-            groups = pl_module.curvature_groups(pl_module.local_data)
             self._count += 1
             generator = torch_generator(
                 self.seed, CURVATURE, getattr(pl_module, "round_idx", 0), getattr(pl_module, "client_id", 0), self._count
             )
+            groups = subsample_groups(pl_module.curvature_groups(pl_module.local_data), self.max_samples, generator)
             if self.representation == "diagonal":
                 diagonal = curvature_diagonal(params, groups, self.estimator, generator, self.sample_block)
                 if self._diagonal is None:

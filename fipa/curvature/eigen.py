@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LowRankCurvature", "randomized_eigenpairs", "top_eigenpairs_from_rows"]
+__all__ = ["LowRankCurvature", "effective_rank", "randomized_eigenpairs", "top_eigenpairs_from_rows"]
 
 
 @dataclass
@@ -35,6 +35,19 @@ class LowRankCurvature:
     def dense(self) -> Tensor:
         """The p x p matrix; for tests and small problems only."""
         return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.T
+
+
+def effective_rank(eigenvalues: Tensor) -> float:
+    """exp(entropy of lam / sum(lam)) (Roy & Vetterli, 2007): r for r equal eigenvalues, near 1 when one dominates.
+
+    A per-round diagnostic of how many directions a client's kept curvature really spans.
+    """
+    lam = eigenvalues.clamp_min(0)
+    total = lam.sum()
+    if total <= 0:
+        return 0.0
+    p = lam[lam > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def _select(eigenvalues: Tensor, eigenvectors: Tensor, rank: int | None, tol: float) -> tuple[Tensor, Tensor]:

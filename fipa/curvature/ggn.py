@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ __all__ = [
     "factor_rows",
     "flatten_params",
     "output_factors",
+    "subsample_groups",
     "unflatten_like",
 ]
 
@@ -66,6 +67,27 @@ class CurvatureGroup:
     targets: Tensor | None = None
     loss: str = "mse"
     weight: float = 1.0
+
+
+def subsample_groups(groups: Sequence[CurvatureGroup], max_samples: int | None, generator: torch.Generator | None) -> list[CurvatureGroup]:
+    """At most `max_samples` samples per group: a uniform random subset without replacement, its weight scaled
+    by n / max_samples, so the subsampled curvature is an unbiased estimate of the full one.
+
+    The curvature's cost is linear in the samples (k backward passes each); large clients can trade variance
+    for time. Groups no larger than the cap are returned unchanged and draw nothing from the generator.
+    """
+    if max_samples is None:
+        return list(groups)
+    subsampled = []
+    for group in groups:
+        n = len(group.inputs)
+        if n <= max_samples:
+            subsampled.append(group)
+            continue
+        keep = torch.randperm(n, generator=generator)[:max_samples].to(group.inputs.device)
+        targets = None if group.targets is None else group.targets[keep]
+        subsampled.append(replace(group, inputs=group.inputs[keep], targets=targets, weight=group.weight * n / max_samples))
+    return subsampled
 
 
 # ----------------------------------------------------------------------------------------------- parameters

@@ -18,6 +18,7 @@ from fipa.curvature import (
     factor_rows,
     flatten_params,
     output_factors,
+    subsample_groups,
     unflatten_like,
 )
 
@@ -260,3 +261,21 @@ def test_bad_arguments(regression):
         factor_rows(params, [CurvatureGroup(group.output_fn, group.inputs, group.targets, "hinge")])
     with pytest.raises(ValueError):
         factor_rows(params, [CurvatureGroup(group.output_fn, group.inputs, group.targets, "mse", -1.0)])
+
+
+def test_subsampled_curvature_is_the_reweighted_ggn_of_the_chosen_samples_and_unbiased(classification):
+    params, group = classification  # 11 samples
+    assert subsample_groups([group], 11, torch.Generator().manual_seed(0)) == [group]  # no cap reached: unchanged
+    generator = torch.Generator().manual_seed(5)
+    (sub,) = subsample_groups([group], 4, generator)
+    assert len(sub.inputs) == 4 and sub.weight == pytest.approx(group.weight * 11 / 4)
+    chosen = [int(torch.nonzero((group.inputs == x).all(1))[0]) for x in sub.inputs]
+    assert len(set(chosen)) == 4 and torch.equal(sub.targets, group.targets[chosen])  # no sample twice, labels follow
+    rows = factor_rows(params, [sub])
+    reference = CurvatureGroup(group.output_fn, group.inputs[chosen], group.targets[chosen], group.loss, group.weight * 11 / 4)
+    torch.testing.assert_close(rows.T @ rows, dense_ggn(params, [reference]))
+    # unbiased: over many subsets the mean equals the full GGN (each sample is kept with probability 4/11)
+    draws = [subsample_groups([group], 4, generator)[0] for _ in range(600)]
+    mean = sum(factor_rows(params, [d]).T @ factor_rows(params, [d]) for d in draws) / len(draws)
+    full = dense_ggn(params, [group])
+    assert torch.linalg.norm(mean - full) / torch.linalg.norm(full) < 0.08
