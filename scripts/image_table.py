@@ -12,8 +12,10 @@ branched from that checkpoint, one run per variant:
     python scripts/image_table.py --seeds 0 1 2 --out results/image
     python scripts/image_table.py --clients fedprox scaffold --variants fedavg fipa_lastlayer --out results/image
     python scripts/image_table.py --collect-only --out results/image
+    python scripts/image_table.py --variants fipa --warmups results/image --out results/image_sub128 \
+        --override +preset.fipa_curvature_samples=128      # another branch study from the same warm-ups
 
-Runs go to OUT/<client>/warmup/seed<k>/ and OUT/<client>/<variant>/seed<k>/; a run whose summary.json says
+Runs go to WARMUPS/<client>/warmup/seed<k>/ (WARMUPS defaults to OUT) and OUT/<client>/<variant>/seed<k>/; a run whose summary.json says
 "completed" is not repeated, so an interrupted study resumes. Runs are made one at a time, seed by seed, so
 the first seeds' full comparison is available early. Writes OUT/results.csv (one row per branch run),
 OUT/table.md (test accuracy after the branch phase: mean +- std over seeds, and the change from the warm-up)
@@ -82,7 +84,7 @@ def run_all(args) -> None:
 
     for seed in args.seeds:
         for client in args.clients:
-            warmup_dir = args.out / client / "warmup" / f"seed{seed}"
+            warmup_dir = args.warmups / client / "warmup" / f"seed{seed}"
             run_once(warmup_overrides(args, client, seed), warmup_dir)
             checkpoint = warmup_dir / "checkpoints" / f"round_{args.warmup}.pt"
             for variant in args.variants:
@@ -95,12 +97,12 @@ def final_accuracy(run_dir: Path) -> tuple[float, int]:
     return summary["test_acc"], summary["rounds_completed"]
 
 
-def collect(out: Path) -> list[dict]:
+def collect(out: Path, warmups: Path) -> list[dict]:
     rows = []
     for summary_file in sorted(out.glob("*/*/seed*/summary.json")):
         run_dir = summary_file.parent
         client, variant = run_dir.parent.parent.name, run_dir.parent.name
-        warmup_dir = out / client / "warmup" / run_dir.name
+        warmup_dir = warmups / client / "warmup" / run_dir.name
         if variant == "warmup" or not completed(run_dir) or not completed(warmup_dir):
             continue
         acc, rounds = final_accuracy(run_dir)
@@ -194,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", type=int, default=20, help="rounds after the warm-up")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("results/image"))
+    parser.add_argument("--warmups", type=Path, default=None, help="where the warm-up runs live (default: --out)")
     parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
     args = parser.parse_args(argv)
+    args.warmups = args.warmups or args.out
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
         run_all(args)
-    rows = collect(args.out)
+    rows = collect(args.out, args.warmups)
     if not rows:
         print(f"no completed branch runs under {args.out}", file=sys.stderr)
         return 1
