@@ -1,100 +1,64 @@
 #!/usr/bin/env python
-"""Collect a Hydra sweep directory into one tidy CSV and a markdown table (median and range over seeds).
+"""Collect a sweep into one tidy CSV (one row per run) and a markdown table (one row per arm, statistics over seeds).
 
-    python scripts/collect.py multirun/2026-11-24/10-00-00 [--metric test_mse] [--out results]
+    python scripts/collect.py multirun/2026-11-24/10-00-00                       # the runs' headline metric
+    python scripts/collect.py results/pinn --metric test_max_abs --out results/pinn/max_abs
 
-Each job directory holds summary.json and .hydra/overrides.yaml; jobs are grouped by their overrides
-minus `seed`. Jobs without a summary, or whose status is not `completed`, are listed as missing.
+Any directory below the sweep holding metrics.csv, summary.json or .hydra/overrides.yaml is a run (Hydra multirun
+jobs, scripts/pinn_table.py and image_table.py trees, single runs). Runs that differ only by seed form an arm: Hydra
+jobs by their overrides minus seed, other runs by the resolved config keys that differ. Writes PREFIX.csv and
+PREFIX.md (default <sweep>/results) and prints the table; runs without a summary, or whose status is not
+`completed`, are listed on stderr with the reason and left out.
+
+Exit status: 0 with at least one completed run; 1 when none; 2 for a bad path or an unknown --metric.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import statistics
+import math
 import sys
 from pathlib import Path
 
-import yaml
+from fipa.errors import ConfigError
+from fipa.results import (arm_table, choose_metric, completed_runs, has_value, load_runs, markdown_table,
+                          summary_metric_names, tidy_rows, write_csv)
 
 
-def load_jobs(sweep: Path) -> tuple[list[dict], list[str]]:
-    jobs, problems = [], []
-    for overrides_file in sorted(sweep.rglob(".hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
-        summary_file = job_dir / "summary.json"
-        if not summary_file.exists():
-            problems.append(f"{job_dir}: no summary.json (still running or crashed)")
-            continue
-        summary = json.loads(summary_file.read_text())
-        if summary.get("status") != "completed":
-            problems.append(f"{job_dir}: status {summary.get('status')!r}")
-            continue
-        settings = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra"))
-        jobs.append({"dir": str(job_dir), "settings": settings, "summary": summary})
-    return jobs, problems
-
-
-def tidy_rows(jobs: list[dict], metric: str) -> list[dict]:
-    rows = []
-    for job in jobs:
-        s = job["summary"]
-        if metric not in s:
-            raise SystemExit(f"metric {metric!r} not in {job['dir']}/summary.json; available: {', '.join(sorted(k for k, v in s.items() if isinstance(v, (int, float))))}")
-        rows.append({**job["settings"], metric: s[metric], "rounds_completed": s["rounds_completed"],
-                     "elapsed_s": s["elapsed_s"], "dir": job["dir"]})
-    return rows
-
-
-def summarize(rows: list[dict], metric: str) -> list[dict]:
-    keys = sorted({k for r in rows for k in r} - {metric, "rounds_completed", "elapsed_s", "dir", "seed"})
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k, "") for k in keys), []).append(r)
-    table = []
-    for values, members in sorted(groups.items()):
-        scores = [m[metric] for m in members]
-        rounds = [m["rounds_completed"] for m in members]
-        table.append({**dict(zip(keys, values)), "seeds": len(members), f"{metric}_median": statistics.median(scores),
-                      f"{metric}_min": min(scores), f"{metric}_max": max(scores), "rounds_median": statistics.median(rounds)})
-    return table
-
-
-def markdown(table: list[dict]) -> str:
-    if not table:
-        return "(no completed runs)\n"
-    columns = list(table[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("--metric", default="test_mse")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, help="a sweep directory (or a single run)")
+    parser.add_argument("--metric", default=None, help="default: the runs' headline metric (summary.json 'metric')")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default: <sweep>/results)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
-        print(f"collect: {args.sweep} is not a directory", file=sys.stderr)
-        return 2
-    jobs, problems = load_jobs(args.sweep)
+        parser.exit(2, f"collect: {args.sweep} is not a directory\n")
+    runs = load_runs(args.sweep)
+    if not runs:
+        parser.exit(1, f"collect: no runs found under {args.sweep}\n")
+    done, problems = completed_runs(runs)
     for problem in problems:
         print(f"collect: missing: {problem}", file=sys.stderr)
-    rows = tidy_rows(jobs, args.metric)
-    table = summarize(rows, args.metric)
+    if not done:
+        parser.exit(1, f"collect: no completed runs under {args.sweep} ({len(runs)} found)\n")
+    try:
+        metric = choose_metric(done, args.metric, summary_metric_names(done))
+    except ConfigError as error:
+        parser.exit(2, f"collect: {error}\n")
+    for run in (r for r in done if not has_value(r, metric)):
+        print(f"collect: missing: {run.dir}: no {metric} in this run", file=sys.stderr)
+    done = [r for r in done if has_value(r, metric)]
+
+    rows, table = tidy_rows(done, metric), arm_table(done, metric)
+    for row in (r for r in rows if not math.isfinite(r[metric])):
+        print(f"collect: {row['dir']}: {metric} is not finite (left out of the statistics)", file=sys.stderr)
     out = args.out or args.sweep / "results"
-    if rows:
-        with open(f"{out}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
-    Path(f"{out}.md").write_text(markdown(table))
-    print(markdown(table), end="")
-    return 0 if rows else 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, f"{out}.csv")
+    Path(f"{out}.md").write_text(markdown_table(table))
+    print(markdown_table(table), end="")
+    print(f"collect: wrote {out}.csv and {out}.md ({len(rows)} runs, {len(table)} arms)", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
