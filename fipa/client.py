@@ -184,10 +184,20 @@ def train_client(
     local_trainer: LocalTrainer,
     round_idx: int = 0,
 ) -> ClientUpdate:
-    """One client's round: start from the broadcast point, train locally, return the update."""
+    """One client's round: start from the broadcast point, train locally, return the update.
+
+    If local training raises, the parameters' trainable flags (a callback may have frozen some) are restored
+    before the error propagates, so the next client starts from a clean module.
+    """
     flat.set(global_params)
     module.local_data, module.client_id, module.round_idx = local_data, client_id, round_idx
-    metrics = local_trainer.fit(module, loader, epochs)
+    trainable = [p.requires_grad for p in module.parameters()]
+    try:
+        metrics = local_trainer.fit(module, loader, epochs)
+    except Exception:
+        for p, flag in zip(module.parameters(), trainable):
+            p.requires_grad_(flag)
+        raise
     delta = flat.get() - global_params
     return ClientUpdate(
         client_id=client_id,

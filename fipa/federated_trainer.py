@@ -17,7 +17,7 @@ from fipa.aggregators.base import Aggregator
 from fipa.client import ClientCallback, LocalTrainer, train_client
 from fipa.errors import ConfigError, require
 from fipa.parameters import FlatParameters
-from fipa.seeding import SAMPLING, SHUFFLE, numpy_rng, torch_generator
+from fipa.seeding import DROPOUT, SAMPLING, SHUFFLE, numpy_rng, torch_generator
 from fipa.tasks.base import FederatedTask
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class FederationConfig:
     eval_every: int = 1
     lr_decay: float = 1.0  # client learning rate x lr_decay^(round-1); the image presets use 0.998
     checkpoint_every: int | None = None  # save the global model and client-method state every n rounds
+    dropout_prob: float = 0.0  # each sampled client independently drops out of a round (seeded), as devices do
 
     def __post_init__(self):
         require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
@@ -49,6 +50,7 @@ class FederationConfig:
             f"federation.time_budget_s must be > 0 or null, got {self.time_budget_s}",
         )
         require(0 < self.lr_decay <= 1, f"federation.lr_decay must be in (0, 1], got {self.lr_decay}")
+        require(0 <= self.dropout_prob < 1, f"federation.dropout_prob must be in [0, 1), got {self.dropout_prob}")
         require(
             self.checkpoint_every is None or self.checkpoint_every >= 1,
             f"federation.checkpoint_every must be >= 1 or null, got {self.checkpoint_every}",
@@ -127,8 +129,16 @@ class FederatedTrainer:
         chosen = numpy_rng(self.seed, SAMPLING, round_idx).choice(self.task.num_clients, per_round, replace=False)
         return sorted(int(c) for c in chosen)
 
+    def drop_out(self, round_idx: int, clients: list[int]) -> list[int]:
+        """The sampled clients that stay in the round: each drops with federation.dropout_prob (seeded)."""
+        if self.federation.dropout_prob == 0:
+            return clients
+        stays = numpy_rng(self.seed, DROPOUT, round_idx).random(len(clients)) >= self.federation.dropout_prob
+        return [c for c, stay in zip(clients, stays) if stay]
+
     def run_round(self, round_idx: int, global_params: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        clients = self.sample_clients(round_idx)
+        sampled = self.sample_clients(round_idx)
+        clients = self.drop_out(round_idx, sampled)
         phase = self.phase(round_idx)
         aggregator = phase.aggregator
         aggregator.reset(global_params)
@@ -139,17 +149,23 @@ class FederatedTrainer:
         failed = 0
         for client_id in clients:
             loader = self.task.client_loader(client_id, torch_generator(self.seed, SHUFFLE, round_idx, client_id))
-            update = train_client(
-                client_id,
-                self.module,
-                self.flat,
-                global_params,
-                self.task.client_dataset(client_id),
-                loader,
-                self.federation.local_epochs * self.federation.local_epochs_scale,
-                phase.local_trainer,
-                round_idx,
-            )
+            try:
+                update = train_client(
+                    client_id,
+                    self.module,
+                    self.flat,
+                    global_params,
+                    self.task.client_dataset(client_id),
+                    loader,
+                    self.federation.local_epochs * self.federation.local_epochs_scale,
+                    phase.local_trainer,
+                    round_idx,
+                )
+            except Exception as error:  # one faulty client must not end a long run
+                log.warning("round %d: client %d failed (%s: %s); left out of the round",
+                            round_idx, client_id, type(error).__name__, error)
+                failed += 1
+                continue
             if not update.is_finite():
                 log.warning("round %d: client %d returned non-finite values; left out of the round", round_idx, client_id)
                 failed += 1
@@ -160,7 +176,11 @@ class FederatedTrainer:
             aggregator.update(update)
 
         start = time.perf_counter()
-        new_params = aggregator.compute()
+        if client_metrics:
+            new_params = aggregator.compute()
+        else:
+            log.warning("round %d: no client returned an update; keeping the previous model", round_idx)
+            new_params = global_params
         aggregate_s = time.perf_counter() - start
         if not torch.isfinite(new_params).all():
             log.warning("round %d: aggregation produced non-finite parameters; keeping the previous model", round_idx)
@@ -168,6 +188,7 @@ class FederatedTrainer:
 
         row: dict[str, Any] = {
             "clients": len(clients),
+            "clients_dropped": len(sampled) - len(clients),
             "clients_failed": failed,
             "train_loss": _mean(m.get("train_loss") for m in client_metrics),
             "curvature_s": sum(m.get("curvature_s", 0.0) for m in client_metrics),
