@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class Recorder(Protocol):
     def log_round(self, row: dict[str, Any]) -> None: ...
+    def restore(self, rows: list[dict[str, Any]]) -> None: ...  # a resumed run's rounds so far
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -100,6 +101,8 @@ class FederatedTrainer:
         self.federation = federation
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.first_round = 1
+        self.history: list[dict[str, Any]] = []  # every round's metrics row, saved with checkpoints
+        self.clock = {"elapsed_s": 0.0, "wall_s": 0.0}  # carried over by resume
         self.recorders = list(recorders or [])
         self.seed = seed
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
@@ -202,7 +205,8 @@ class FederatedTrainer:
         row.update(_diagnostics_of_every_phase(self.phases, aggregator))
         return new_params, row
 
-    # Checkpoints: the global model, the round, and the client methods' state (e.g. SCAFFOLD controls).
+    # Checkpoints: the global model, the round, the client methods' and aggregators' state (e.g. SCAFFOLD
+    # controls), the clocks, the RNG states and the metrics so far: everything `resume` needs.
     def save_checkpoint(self, round_idx: int, global_params: torch.Tensor) -> Path:
         directory = self.output_dir / "checkpoints"
         directory.mkdir(parents=True, exist_ok=True)
@@ -212,13 +216,17 @@ class FederatedTrainer:
             "global_params": global_params,
             "parameter_names": self.flat.names,
             "client_methods": [callback.state_dict() for callback in self.client_callbacks],
+            "aggregators": [phase.aggregator.state_dict() for phase in self.phases],
+            "clock": dict(self.clock),
+            "rng": rng_states(),
+            "metrics": self.history,
         }
         path = directory / f"round_{round_idx}.pt"
         torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # never a half-written checkpoint
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Start from a saved round: the next round is round + 1 (lr decay and phases continue from there)."""
         state = load_checkpoint_file(path)
         require(
@@ -230,12 +238,28 @@ class FederatedTrainer:
             if callback_state:
                 callback.load_state_dict(callback_state)
         self.first_round = int(state["round"]) + 1
+        return state
+
+    def resume(self, path: str | Path) -> int:
+        """Continue an interrupted run from its checkpoint: the model and client state as `load_checkpoint`, plus
+        the aggregators, clocks, RNG states and the metrics rows so far (recorders get them back). Returns the
+        checkpoint's round; the run then ends exactly as an uninterrupted one would."""
+        state = self.load_checkpoint(path)
+        require("metrics" in state, f"checkpoint {path} predates resume support (format {state['format']}); use init_from")
+        for phase, aggregator_state in zip(self.phases, state["aggregators"]):
+            phase.aggregator.load_state_dict(aggregator_state)
+        self.clock = dict(state["clock"])
+        set_rng_states(state["rng"])
+        self.history = [dict(row) for row in state["metrics"]]
+        for recorder in self.recorders:
+            recorder.restore(self.history)
+        return int(state["round"])
 
     def fit(self) -> dict[str, Any]:
         fed = self.federation
         global_params = self.flat.get()
-        elapsed = 0.0  # accumulated round time: curvature + local training + aggregation (the budget clock)
-        wall_start = time.perf_counter()
+        elapsed = self.clock["elapsed_s"]  # accumulated round time: curvature + local training + aggregation (the budget clock)
+        wall_start = time.perf_counter() - self.clock["wall_s"]
         last_eval: dict[str, float] = self.task.evaluate(self.module.model)
         rounds_done = 0
         status = "running"
@@ -249,15 +273,17 @@ class FederatedTrainer:
                 round_s = time.perf_counter() - start
                 elapsed += round_s
                 rounds_done = round_idx
-                if fed.checkpoint_every and round_idx % fed.checkpoint_every == 0 and self.output_dir is not None:
-                    self.save_checkpoint(round_idx, global_params)
                 budget_spent = fed.time_budget_s is not None and elapsed >= fed.time_budget_s
                 if round_idx % fed.eval_every == 0 or round_idx == fed.rounds or budget_spent:
                     last_eval = self.task.evaluate(self.module.model)
                 row = {"round": round_idx, "elapsed_s": elapsed, "round_s": round_s, **last_eval, **row,
                        "wall_s": time.perf_counter() - wall_start}
+                self.history.append(row)
                 for recorder in self.recorders:
                     recorder.log_round(row)
+                self.clock = {"elapsed_s": elapsed, "wall_s": row["wall_s"]}
+                if fed.checkpoint_every and round_idx % fed.checkpoint_every == 0 and self.output_dir is not None:
+                    self.save_checkpoint(round_idx, global_params)
                 progress.update(1)
                 progress.set_postfix({self.task.metric: f"{last_eval[self.task.metric]:.3e}"}, refresh=False)
                 if round_idx % log_every == 0 or budget_spent:
@@ -283,7 +309,46 @@ class FederatedTrainer:
         return summary
 
 
-CHECKPOINT_FORMAT = "fipa-checkpoint-1"
+CHECKPOINT_FORMAT = "fipa-checkpoint-2"
+READABLE_FORMATS = ("fipa-checkpoint-1", CHECKPOINT_FORMAT)  # format 1 (no resume state) still loads for init_from
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch, numpy, random), in types that weights_only loading accepts.
+
+    fipa itself draws from per-(seed, stream, round, client) generators, so these only matter for user code
+    that uses the global generators; they are saved so that resume is exact for it too.
+    """
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": {"version": version, "internal": list(internal), "gauss": python_gauss},
+    }
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's checkpoint with the highest round, or None."""
+    paths = Path(run_dir).glob("checkpoints/round_*.pt")
+    numbered = [(int(p.stem.removeprefix("round_")), p) for p in paths if p.stem.removeprefix("round_").isdigit()]
+    return max(numbered)[1] if numbered else None
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
@@ -295,7 +360,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except Exception as error:  # torch raises several types for corrupt archives
         raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}): truncated or not a checkpoint") from None
     require(
-        isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT,
+        isinstance(state, dict) and state.get("format") in READABLE_FORMATS,
         f"{path} is not a fipa checkpoint (expected format {CHECKPOINT_FORMAT})",
     )
     return state

@@ -27,6 +27,14 @@ class MetricsCSV:
         self._writer.writerow(row)
         self._file.flush()
 
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """A resumed run: rewrite the file with the checkpoint's rows (dropping any logged after it)."""
+        if self._file is not None:
+            self._file.close()
+        self._file, self._writer = None, None
+        for row in rows:
+            self.log_round(row)
+
     def finish(self, summary: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.close()
@@ -54,6 +62,11 @@ class WandbRecorder:
             mode=mode or os.environ.get("WANDB_MODE", "offline"),
             reinit="finish_previous",
         )
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """A resumed run is a new wandb run (same group and tags): give it the rounds before the checkpoint too."""
+        for row in rows:
+            self.log_round(row)
 
     def log_round(self, row: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=int(row["round"]))

@@ -154,8 +154,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     from fipa.recorders import write_json
 
     output_dir = Path(output_dir or _hydra_output_dir() or ".")
+    checkpoint = None
+    if cfg.get("resume"):
+        cfg, output_dir, checkpoint = _resumed(cfg.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # what `resume=<this dir>` rebuilds from
     trainer = build(cfg, output_dir)
+    if checkpoint is not None:
+        log.info("resuming %s after round %d", output_dir, trainer.resume(checkpoint))
     summary: dict[str, Any] = {"status": "failed"}
     try:
         summary = trainer.fit()
@@ -168,6 +175,22 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         for recorder in trainer.recorders:
             recorder.finish(summary)
     return summary
+
+
+def _resumed(run_dir: str) -> tuple[DictConfig, Path, Path]:
+    """`resume=<run dir>`: that run's saved config, its directory and its latest checkpoint."""
+    from fipa.federated_trainer import latest_checkpoint
+
+    directory = Path(run_dir)
+    require(directory.is_dir(), f"resume={run_dir}: no such run directory")
+    saved = directory / "config.yaml"
+    require(saved.is_file(), f"resume={run_dir}: not a fipa run directory (no config.yaml)")
+    checkpoint = latest_checkpoint(directory)
+    require(
+        checkpoint is not None,
+        f"resume={run_dir}: no checkpoint to resume from (runs save them with federation.checkpoint_every=K)",
+    )
+    return OmegaConf.load(saved), directory, checkpoint
 
 
 def save_model(model, path: Path) -> None:

@@ -43,3 +43,10 @@ class Aggregator(ABC):
     def diagnostics(self) -> dict[str, float]:
         """Per-round numbers worth logging (e.g. curvature ranks); the same keys every round."""
         return {}
+
+    def state_dict(self) -> dict:
+        """State that must survive a checkpoint (kept across rounds); the built-in rules keep none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""

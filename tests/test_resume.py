@@ -1,0 +1,82 @@
+"""Checkpoint and resume: a run killed mid-way and resumed ends with the metrics of an uninterrupted run."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import compose_config, fipa_cli
+from fipa.errors import ConfigError
+from fipa.federated_trainer import rng_states, set_rng_states
+from fipa.train import run
+
+# FIPA with SCAFFOLD clients: the resumed run needs the model, the client controls and the server control.
+OVERRIDES = [
+    "experiment=regression_1d_m4", "aggregator=fipa", "client=scaffold", "optimizer.lr=1e-3",
+    "task.points_per_client=40", "federation.local_epochs=25", "federation.rounds=12", "federation.checkpoint_every=2",
+]
+TIMING = {"elapsed_s", "round_s", "wall_s", "curvature_s", "aggregate_s"}
+
+
+def numbers(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = run(compose_config(*OVERRIDES), tmp_path / "reference")
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fipa.train", *OVERRIDES, f"hydra.run.dir={killed}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "round_4.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)  # no cleanup of any kind, as in a crash or a pre-empted job
+    process.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    checkpoints = sorted(int(p.stem.split("_")[1]) for p in (killed / "checkpoints").glob("round_*.pt"))
+    assert 4 in checkpoints and max(checkpoints) < 12
+
+    result = fipa_cli(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_log'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("fipa: completed rounds=12")
+    assert numbers(killed / "metrics.csv") == numbers(tmp_path / "reference" / "metrics.csv")  # every round, bit for bit
+    resumed = torch.load(killed / "model.pt", weights_only=True)
+    expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert reference["test_mse"] == float(numbers(killed / "metrics.csv")[-1]["test_mse"])
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+
+    state = rng_states()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="no such run directory"):
+        run(compose_config(f"resume={tmp_path / 'nowhere'}"), tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"not a fipa run directory \(no config.yaml\)"):
+        run(compose_config(f"resume={tmp_path}"), tmp_path / "x")
+    finished = tmp_path / "finished"
+    run(compose_config("task.points_per_client=20", "federation.rounds=1", "federation.local_epochs=1"), finished)
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        run(compose_config(f"resume={finished}"), tmp_path / "x")
+    (finished / "checkpoints").mkdir()
+    (finished / "checkpoints" / "round_1.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match="cannot be read .*truncated or not a checkpoint"):
+        run(compose_config(f"resume={finished}"), tmp_path / "x")
