@@ -65,6 +65,34 @@ class ClientCallback(L.Callback):
     def client_metrics(self) -> dict[str, float]:
         return {}
 
+    # Client methods with state that outlives a round (SCAFFOLD's controls, MOON's previous models) split it
+    # into a server side, kept by the FederatedTrainer's process, and a worker side that trains one client
+    # from state shipped with the job. That is what lets a client train in any process (executor=ray) and
+    # what checkpoints save. Stateless callbacks ignore all of it.
+
+    # server side
+    def on_round_start(self, round_idx: int, num_clients: int) -> None:
+        """Before the round's clients train (e.g. apply last round's control-variate sum)."""
+
+    def round_state(self) -> Any:
+        """What every client of this round needs (e.g. SCAFFOLD's server control)."""
+        return None
+
+    def client_state(self, client_id: int) -> Any:
+        """What this client kept from its last round (e.g. its control variate); None if it never trained."""
+        return None
+
+    def on_client_result(self, client_id: int, update: ClientUpdate, state: Any) -> None:
+        """A surviving client's update and the state its worker returned from `end_client`."""
+
+    # worker side
+    def begin_client(self, client_id: int, round_state: Any, client_state: Any) -> None:
+        """Before one client's local fit: the state the server side shipped with the job."""
+
+    def end_client(self) -> Any:
+        """After the local fit: the client's new state, handed to `on_client_result`."""
+        return None
+
 
 class ClientModule(L.LightningModule):
     """Base class of a federated client's local model.

@@ -48,29 +48,52 @@ class Scaffold(ClientCallback):
     """SCAFFOLD (Karimireddy et al., 2020), option II, as a client method usable with any server rule.
 
     Every local gradient is corrected by (c - c_i). After local training with K steps of learning rate lr,
-    c_i <- c_i - c + (x - y) / (K lr), and the server control moves by c <- c + (1/num_clients) sum_i delta c_i.
-    The server half is a running sum applied when the next round starts, so it needs no aggregator support.
-    Controls are flat CPU tensors, one per client that has trained (never a model object per client).
+    c_i <- c_i - c + (x - y) / (K lr); the client uploads delta c_i, and the server control moves by
+    c <- c + (1/num_clients) sum_i delta c_i when the next round starts, so no aggregator support is needed.
+    Server side: c, the clients' c_i (flat CPU tensors, one per client that has trained, never a model object)
+    and the running sum. Worker side: the correction for the client being trained.
     """
 
     def __init__(self):
         self.server_control: torch.Tensor | None = None
         self.client_controls: dict[int, torch.Tensor] = {}
         self._pending: torch.Tensor | None = None  # sum of this round's delta c_i, applied next round
-        self._pending_round = -1
-        self._delta: torch.Tensor | None = None
+
+    # server side
+    def on_round_start(self, round_idx: int, num_clients: int) -> None:
+        if self._pending is not None:
+            self.server_control += self._pending / num_clients
+            self._pending = None
+
+    def round_state(self) -> torch.Tensor | None:
+        return self.server_control
+
+    def client_state(self, client_id: int) -> torch.Tensor | None:
+        return self.client_controls.get(client_id)
+
+    def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
+        if state is None:  # no local step was taken
+            return
+        self.client_controls[client_id] = state
+        delta = update.statistics["control_variate"]
+        if self.server_control is None:
+            self.server_control = torch.zeros_like(delta)
+        if self._pending is None:
+            self._pending = torch.zeros_like(delta)
+        self._pending += delta
+
+    # worker side
+    def begin_client(self, client_id: int, round_state, client_state) -> None:
+        self._server, self._client = round_state, client_state
+        self._new_control = self._delta = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._params = [p for p in pl_module.model.parameters()]
         start = _flat(self._params)
-        if self.server_control is None:
-            self.server_control = torch.zeros_like(start)
-        if self._pending is not None and pl_module.round_idx != self._pending_round:
-            self.server_control += self._pending / pl_module.num_clients
-            self._pending = None
         self._start = start
-        self._client_control = self.client_controls.get(pl_module.client_id, torch.zeros_like(start))
-        correction = self.server_control - self._client_control
+        self._server = torch.zeros_like(start) if self._server is None else self._server
+        self._client = torch.zeros_like(start) if self._client is None else self._client
+        correction = self._server - self._client
         self._correction = [c.view_as(p) for c, p in zip(correction.split([p.numel() for p in self._params]), self._params)]
         self._steps, self._lr = 0, 0.0
 
@@ -84,25 +107,22 @@ class Scaffold(ClientCallback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._steps == 0:
-            self._delta = None
             return
-        new_control = self._client_control - self.server_control + (self._start - _flat(self._params)) / (self._steps * self._lr)
-        self._delta = new_control - self._client_control
-        self.client_controls[pl_module.client_id] = new_control
-        if self._pending is None or self._pending_round != pl_module.round_idx:
-            self._pending, self._pending_round = torch.zeros_like(new_control), pl_module.round_idx
-        self._pending += self._delta
+        self._new_control = self._client - self._server + (self._start - _flat(self._params)) / (self._steps * self._lr)
+        self._delta = self._new_control - self._client
+
+    def end_client(self) -> torch.Tensor | None:
+        return self._new_control
 
     def client_statistics(self) -> dict[str, torch.Tensor]:
         return {} if self._delta is None else {"control_variate": self._delta}
 
     def state_dict(self) -> dict:
-        return {"server_control": self.server_control, "client_controls": self.client_controls,
-                "pending": self._pending, "pending_round": self._pending_round}
+        return {"server_control": self.server_control, "client_controls": self.client_controls, "pending": self._pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.server_control, self.client_controls = state["server_control"], dict(state["client_controls"])
-        self._pending, self._pending_round = state["pending"], state["pending_round"]
+        self._pending = state["pending"]
 
 
 class Moon(ClientCallback):
@@ -118,7 +138,8 @@ class Moon(ClientCallback):
         require(mu >= 0, f"client.mu must be >= 0, got {mu}")
         require(temperature > 0, f"client.temperature must be > 0, got {temperature}")
         self.mu, self.temperature = float(mu), float(temperature)
-        self.previous: dict[int, torch.Tensor] = {}
+        self.previous: dict[int, torch.Tensor] = {}  # server side: each client's last local model, flat on CPU
+        self._previous_flat: torch.Tensor | None = None
 
     def _frozen_copy(self, model, flat: torch.Tensor | None):
         import copy
@@ -128,10 +149,21 @@ class Moon(ClientCallback):
             torch.nn.utils.vector_to_parameters(flat, clone.parameters())
         return clone.requires_grad_(False)
 
+    # server side: the clients' previous local models
+    def client_state(self, client_id: int) -> torch.Tensor | None:
+        return self.previous.get(client_id)
+
+    def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
+        self.previous[client_id] = state
+
+    # worker side
+    def begin_client(self, client_id: int, round_state, client_state) -> None:
+        self._previous_flat = client_state
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         require(hasattr(pl_module.model, "features"), "client=moon needs a model with a features(x) method")
         self._global = self._frozen_copy(pl_module.model, None)
-        previous = self.previous.get(pl_module.client_id)
+        previous = self._previous_flat
         self._previous = self._global if previous is None else self._frozen_copy(pl_module.model, previous)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
@@ -154,8 +186,11 @@ class Moon(ClientCallback):
         loss.backward()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.previous[pl_module.client_id] = torch.nn.utils.parameters_to_vector(pl_module.model.parameters()).detach().clone()
+        self._local = torch.nn.utils.parameters_to_vector(pl_module.model.parameters()).detach().clone()
         self._global = self._previous = None
+
+    def end_client(self) -> torch.Tensor:
+        return self._local
 
     def state_dict(self) -> dict:
         return {"previous": self.previous}

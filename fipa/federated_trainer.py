@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fipa.aggregators.base import Aggregator
-from fipa.client import ClientCallback, LocalTrainer, train_client
+from fipa.client import ClientCallback, ClientUpdate, LocalTrainer, train_client
 from fipa.errors import ConfigError, require
+from fipa.executors import Executor, SequentialExecutor
 from fipa.parameters import FlatParameters
 from fipa.seeding import DROPOUT, SAMPLING, SHUFFLE, numpy_rng, torch_generator
 from fipa.tasks.base import FederatedTask
@@ -82,6 +83,7 @@ class FederatedTrainer:
         show_progress: bool | None = None,
         later_phase: tuple[int, Aggregator, float] | None = None,
         output_dir: str | Path | None = None,
+        executor: Executor | None = None,
     ):
         per_round = federation.clients_per_round
         require(
@@ -104,6 +106,7 @@ class FederatedTrainer:
         self.history: list[dict[str, Any]] = []  # every round's metrics row, saved with checkpoints
         self.clock = {"elapsed_s": 0.0, "wall_s": 0.0}  # carried over by resume
         self.recorders = list(recorders or [])
+        self.executor = executor or SequentialExecutor()  # where clients train: this process, or Ray workers
         self.seed = seed
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.bytes_per_param = torch.empty((), dtype=self.flat.get().dtype).element_size()
@@ -139,40 +142,55 @@ class FederatedTrainer:
         stays = numpy_rng(self.seed, DROPOUT, round_idx).random(len(clients)) >= self.federation.dropout_prob
         return [c for c, stay in zip(clients, stays) if stay]
 
+    def train_job(self, client_id: int, round_idx: int, global_params: torch.Tensor, round_states: list[Any],
+                  client_states: list[Any]) -> tuple[ClientUpdate, list[Any]]:
+        """The worker side of one client's round, in this process or on a remote worker: train from the
+        broadcast point with the client methods' shipped state; return the update and the new client state."""
+        phase = self.phase(round_idx)
+        self.module.lr_scale = self.federation.lr_decay ** (round_idx - 1) * phase.lr_scale
+        self.module.num_clients = self.task.num_clients
+        for callback, round_state, client_state in zip(self.client_callbacks, round_states, client_states):
+            callback.begin_client(client_id, round_state, client_state)
+        update = train_client(
+            client_id,
+            self.module,
+            self.flat,
+            global_params,
+            self.task.client_dataset(client_id),
+            self.task.client_loader(client_id, torch_generator(self.seed, SHUFFLE, round_idx, client_id)),
+            self.federation.local_epochs * self.federation.local_epochs_scale,
+            phase.local_trainer,
+            round_idx,
+        )
+        return update, [callback.end_client() for callback in self.client_callbacks]
+
     def run_round(self, round_idx: int, global_params: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         sampled = self.sample_clients(round_idx)
         clients = self.drop_out(round_idx, sampled)
         phase = self.phase(round_idx)
         aggregator = phase.aggregator
         aggregator.reset(global_params)
-        self.module.lr_scale = self.federation.lr_decay ** (round_idx - 1) * phase.lr_scale
-        self.module.num_clients = self.task.num_clients
+        for callback in self.client_callbacks:
+            callback.on_round_start(round_idx, self.task.num_clients)
+        round_states = [callback.round_state() for callback in self.client_callbacks]
+        jobs = [(c, [callback.client_state(c) for callback in self.client_callbacks]) for c in clients]
         uploaded: dict[str, int] = {}
         client_metrics: list[dict[str, float]] = []
         failed = 0
-        for client_id in clients:
-            loader = self.task.client_loader(client_id, torch_generator(self.seed, SHUFFLE, round_idx, client_id))
-            try:
-                update = train_client(
-                    client_id,
-                    self.module,
-                    self.flat,
-                    global_params,
-                    self.task.client_dataset(client_id),
-                    loader,
-                    self.federation.local_epochs * self.federation.local_epochs_scale,
-                    phase.local_trainer,
-                    round_idx,
-                )
-            except Exception as error:  # one faulty client must not end a long run
+        # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
+        for client_id, outcome in self.executor.run(self, round_idx, global_params, round_states, jobs):
+            if isinstance(outcome, Exception):  # one faulty client must not end a long run
                 log.warning("round %d: client %d failed (%s: %s); left out of the round",
-                            round_idx, client_id, type(error).__name__, error)
+                            round_idx, client_id, type(outcome).__name__, outcome)
                 failed += 1
                 continue
+            update, client_states = outcome
             if not update.is_finite():
                 log.warning("round %d: client %d returned non-finite values; left out of the round", round_idx, client_id)
                 failed += 1
                 continue
+            for callback, client_state in zip(self.client_callbacks, client_states):
+                callback.on_client_result(client_id, update, client_state)
             for kind, size in update.payload_bytes().items():
                 uploaded[kind] = uploaded.get(kind, 0) + size
             client_metrics.append(update.metrics)
@@ -264,6 +282,7 @@ class FederatedTrainer:
         rounds_done = 0
         status = "running"
         progress = tqdm(total=fed.rounds, desc="rounds", disable=not self.show_progress, dynamic_ncols=True)
+        self.executor.start()
         log_every = max(1, fed.rounds // 10)  # ten log lines per run, whatever its length
         try:
             for round_idx in range(self.first_round, fed.rounds + 1):
@@ -298,6 +317,7 @@ class FederatedTrainer:
             log.warning("interrupted after %d rounds; metrics so far are saved", rounds_done)
         finally:
             progress.close()
+            self.executor.shutdown()
         summary = {
             "status": status,
             "rounds_completed": rounds_done,

@@ -280,7 +280,9 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
 
 def ignored_key(key: str) -> bool:
     leaf = key.rsplit(".", 1)[-1]
-    return key.startswith("hydra.") or leaf in IGNORED_LEAVES or leaf.endswith(("_dir", "_path"))
+    # schedule.after_aggregator is the composed node of schedule.after: the name already tells the arm apart
+    return (key.startswith(("hydra.", "schedule.after_aggregator.")) or leaf in IGNORED_LEAVES
+            or leaf.endswith(("_dir", "_path")))
 
 
 def short_key(key: str) -> str:

@@ -35,8 +35,12 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.logger.name in ("csv", "wandb"), f"logger must be csv or wandb, got {cfg.logger.name!r}")
 
 
-def build(cfg: DictConfig, output_dir: Path):
-    """Instantiate every component; all input errors surface here, before any training."""
+def build(cfg: DictConfig, output_dir: Path | None, worker: bool = False):
+    """Instantiate every component; all input errors surface here, before any training.
+
+    `worker=True` builds what a remote client worker needs (executor=ray): task, model and local trainers,
+    without recorders, executor or checkpoint loading (the driver ships weights and client state per job).
+    """
     import torch
     from hydra.utils import instantiate
 
@@ -45,6 +49,7 @@ def build(cfg: DictConfig, output_dir: Path):
     from fipa.seeding import INIT, torch_generator
 
     validate(cfg)
+    run_config = OmegaConf.to_container(cfg, resolve=True)  # before _later_phase grafts its node in
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     dtype = getattr(torch, cfg.dtype)
@@ -60,9 +65,12 @@ def build(cfg: DictConfig, output_dir: Path):
     aggregator = _instantiate(cfg.aggregator)
     client_callbacks = [_instantiate(c) for c in cfg.client.callbacks]
     later_phase = _later_phase(cfg)
-    recorders: list[Any] = [MetricsCSV(output_dir / "metrics.csv")]
-    if cfg.logger.name == "wandb":
+    recorders: list[Any] = [] if worker else [MetricsCSV(output_dir / "metrics.csv")]
+    if cfg.logger.name == "wandb" and not worker:
         recorders.append(_wandb_recorder(cfg, output_dir, WandbRecorder))
+    executor = None if worker else _instantiate(cfg.executor)
+    if executor is not None:
+        executor.bind(run_config)
     trainer = FederatedTrainer(
         task=task,
         model=model,
@@ -74,8 +82,9 @@ def build(cfg: DictConfig, output_dir: Path):
         seed=cfg.seed,
         later_phase=later_phase,
         output_dir=output_dir,
+        executor=executor,
     )
-    if cfg.init_from:
+    if cfg.init_from and not worker:
         trainer.load_checkpoint(cfg.init_from)
     return trainer
 

@@ -12,7 +12,7 @@ from conftest import TINY, compose_config, fipa_cli
 from fipa.errors import ConfigError
 from fipa.train import CONFIG_DIR, build, run
 
-GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger", "variant"]
+GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger", "variant", "executor"]
 # Small sizes per task option so that building stays fast (digits needs no download).
 TASK_SIZES = {
     "regression_1d": ["task.points_per_client=40"],

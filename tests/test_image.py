@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config
+from fipa.client import ClientUpdate
 from fipa.client_methods import Scaffold
 from fipa.errors import ConfigError
 from fipa.models import ResNet20GN, SmallCNN
@@ -65,6 +66,9 @@ def test_scaffold_control_variates_follow_option_two_by_hand():
     scaffold.client_controls[1] = torch.tensor([0.1, 0.4])
     module = FakeModule(model, client_id=1, round_idx=1, num_clients=num_clients)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    # server side ships c and c_1 with the job; the worker side trains client 1 with them
+    scaffold.on_round_start(1, num_clients)
+    scaffold.begin_client(1, scaffold.round_state(), scaffold.client_state(1))
     scaffold.on_train_start(None, module)
     for _ in range(2):
         optimizer.zero_grad()
@@ -75,10 +79,15 @@ def test_scaffold_control_variates_follow_option_two_by_hand():
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.08, -1.0 + 0.04]]))
     scaffold.on_train_end(None, module)
     # c_i+ = c_i - c + (x - y) / (K lr) = [0.1, 0.4] - [0.5, 0.2] + [0.08, -0.04] / 0.2 = [0.0, 0.0]
-    torch.testing.assert_close(scaffold.client_controls[1], torch.tensor([0.0, 0.0]))
-    torch.testing.assert_close(scaffold.client_statistics()["control_variate"], torch.tensor([-0.1, -0.4]))
-    # the server control moves by sum(delta c_i) / num_clients when the next round starts
-    scaffold.on_train_start(None, FakeModule(model, client_id=2, round_idx=2, num_clients=num_clients))
+    new_control = scaffold.end_client()
+    torch.testing.assert_close(new_control, torch.tensor([0.0, 0.0]))
+    statistics = scaffold.client_statistics()
+    torch.testing.assert_close(statistics["control_variate"], torch.tensor([-0.1, -0.4]))
+    # back on the server side: c_1 is kept, and c moves by sum(delta c_i) / num_clients when the next round starts
+    scaffold.on_client_result(1, ClientUpdate(1, 1, torch.zeros(2), statistics), new_control)
+    torch.testing.assert_close(scaffold.client_state(1), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(scaffold.round_state(), torch.tensor([0.5, 0.2]))  # unchanged within the round
+    scaffold.on_round_start(2, num_clients)
     torch.testing.assert_close(scaffold.server_control, torch.tensor([0.5 - 0.025, 0.2 - 0.1]))
 
 

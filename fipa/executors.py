@@ -1,0 +1,153 @@
+"""Where the clients of a round train: in this process (`executor=sequential`) or on Ray workers (`executor=ray`).
+
+An executor runs jobs `(client_id, client_states)` through `FederatedTrainer.train_job` and yields
+`(client_id, (update, new_client_states))`, or `(client_id, exception)` for a client that failed, in the jobs'
+order. The round loop streams them into the aggregator as they come; the order makes the aggregate, and so
+the whole run, bit-identical between executors for the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fipa.errors import require
+
+if TYPE_CHECKING:
+    import torch
+
+    from fipa.federated_trainer import FederatedTrainer
+
+log = logging.getLogger("fipa")
+
+Job = tuple[int, list[Any]]
+
+
+class Executor:
+    config: dict[str, Any] | None = None  # the resolved run config, set by fipa.train.build (workers build from it)
+
+    def bind(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def start(self) -> None:
+        """Called by FederatedTrainer.fit before the first round."""
+
+    def run(self, trainer: FederatedTrainer, round_idx: int, global_params: torch.Tensor, round_states: list[Any],
+            jobs: list[Job]) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release workers at the end of a run (also after a failure)."""
+
+
+class SequentialExecutor(Executor):
+    """One client after another in this process, with the trainer's own Lightning module (the default)."""
+
+    def run(self, trainer, round_idx, global_params, round_states, jobs):
+        for client_id, client_states in jobs:
+            try:
+                outcome = trainer.train_job(client_id, round_idx, global_params, round_states, client_states)
+            except Exception as error:
+                outcome = error
+            yield client_id, outcome
+
+
+class ClientWorker:
+    """A Ray actor: builds its own task, model and local trainers from the run config once, then trains
+    whichever clients it is sent (their client-method state travels with the job)."""
+
+    def __init__(self, config: dict[str, Any]):
+        from omegaconf import OmegaConf
+
+        from fipa.train import build
+
+        self.trainer = build(OmegaConf.create(config), output_dir=None, worker=True)
+
+    def ready(self) -> bool:
+        return True
+
+    def train(self, client_id, round_idx, global_params, round_states, client_states):
+        return self.trainer.train_job(client_id, round_idx, global_params, round_states, client_states)
+
+
+class RayExecutor(Executor):
+    """Clients of a round train in parallel on `num_workers` Ray actors.
+
+    Locally it starts Ray with `num_workers * cpus_per_worker` CPUs; with `address` (e.g. "ray://head:10001" or
+    "auto") it joins an existing cluster, whose nodes need fipa installed and the data at the same paths.
+    Each worker holds one copy of the task's data (not one per client). The global parameters are put in
+    Ray's object store once per round; a worker that dies fails only its client (counted in clients_failed).
+    """
+
+    def __init__(self, num_workers: int = 2, address: str | None = None, cpus_per_worker: float = 1.0):
+        require(num_workers >= 1, f"executor.num_workers must be >= 1, got {num_workers}")
+        require(cpus_per_worker > 0, f"executor.cpus_per_worker must be > 0, got {cpus_per_worker}")
+        self.num_workers, self.address, self.cpus_per_worker = num_workers, address, cpus_per_worker
+        self.workers: list[Any] = []
+        self._started_ray = False
+
+    def start(self) -> None:
+        require(self.config is not None, "executor=ray needs the run config (fipa.train.build binds it)")
+        try:
+            import ray
+        except ImportError:
+            from fipa.errors import ConfigError
+
+            raise ConfigError("executor=ray needs Ray: pip install 'ray>=2.9'") from None
+        if not ray.is_initialized():
+            # Ray renices its workers to 15; on a shared machine they would then starve behind the driver and
+            # any other job, so a local Ray keeps them at normal priority (set RAY_worker_niceness to override).
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            local = {} if self.address else {"num_cpus": int(max(1, round(self.num_workers * self.cpus_per_worker)))}
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **local)
+            self._started_ray = True
+        self._worker_class = ray.remote(num_cpus=self.cpus_per_worker)(ClientWorker)
+        self.workers = [self._worker_class.remote(self.config) for _ in range(self.num_workers)]
+        ray.get([worker.ready.remote() for worker in self.workers])  # start-up is not round time
+
+    def run(self, trainer, round_idx, global_params, round_states, jobs):
+        import ray
+
+        params_ref, states_ref = ray.put(global_params), ray.put(round_states)
+        idle, running, finished = list(self.workers), {}, {}
+        submitted = yielded = 0
+        while yielded < len(jobs):
+            while idle and submitted < len(jobs):  # keep every worker busy
+                worker = idle.pop()
+                client_id, client_states = jobs[submitted]
+                ref = worker.train.remote(client_id, round_idx, params_ref, states_ref, client_states)
+                running[ref] = (submitted, worker)
+                submitted += 1
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            position, worker = running.pop(done)
+            try:
+                finished[position] = ray.get(done)
+                idle.append(worker)
+            except ray.exceptions.RayTaskError as error:  # the client raised: report its own exception
+                finished[position] = error.cause if isinstance(error.cause, Exception) else RuntimeError(str(error))
+                idle.append(worker)
+            except ray.exceptions.RayActorError as error:  # the worker died: replace it
+                finished[position] = RuntimeError(f"Ray worker died: {error}")
+                idle.append(self._replace(worker))
+            while yielded in finished:  # hand results over in job order, as soon as the order allows
+                yield jobs[yielded][0], finished.pop(yielded)
+                yielded += 1
+
+    def _replace(self, dead):
+        index = self.workers.index(dead)
+        self.workers[index] = self._worker_class.remote(self.config)
+        return self.workers[index]
+
+    def shutdown(self) -> None:
+        if not self.workers:
+            return
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
