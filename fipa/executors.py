@@ -89,6 +89,8 @@ class RayExecutor(Executor):
         self._started_ray = False
 
     def start(self) -> None:
+        if self.workers:  # already started (e.g. by a benchmark timing the start-up apart)
+            return
         require(self.config is not None, "executor=ray needs the run config (fipa.train.build binds it)")
         try:
             import ray

@@ -61,3 +61,13 @@ def test_bench_fipa_round_runs_and_prints_ratios(capsys):
         ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch"],
     )
     assert set(printed) <= set(returned)
+
+
+@pytest.mark.slow  # two fresh Python processes (~25 s)
+def test_bench_scale_memory_part_runs_and_prints_its_ratio(capsys):
+    # The Ray part is exercised by tests/test_executors.py; starting Ray again here would only add time.
+    argv = ["--skip-ray", "--memory-clients", "10", "40", "--memory-rounds", "1",
+            "--memory-override", "task.dataset=digits", "model.image_size=8"]
+    returned, printed = run_benchmark("bench_scale.py", argv, capsys)
+    assert_ratios(printed, ["ratio_memory_clients"])
+    assert printed["ratio_memory_clients"] == pytest.approx(returned["ratio_memory_clients"], abs=0.005)
