@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 CLIENTS = ["plain", "fedprox", "scaffold", "moon"]
+LAST = 5  # rounds averaged in the smoothed accuracy column
 VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedavg": [],
     "fedavg_lr01": ["schedule.after=fedavg"],
@@ -107,6 +108,7 @@ def collect(out: Path, warmups: Path) -> list[dict]:
             continue
         acc, rounds = final_accuracy(run_dir)
         warmup_acc, warmup_rounds = final_accuracy(warmup_dir)
+        last = _accuracies(run_dir)[-LAST:]
         rows.append({
             "client": client,
             "variant": variant,
@@ -116,10 +118,16 @@ def collect(out: Path, warmups: Path) -> list[dict]:
             "warmup_test_acc": warmup_acc,
             "test_acc": acc,
             "delta_acc": acc - warmup_acc,
+            f"test_acc_last{LAST}": sum(last) / len(last),  # single rounds swing by several points under label skew
             "phase_s": round(_phase_seconds(run_dir, warmup_rounds), 2),
             "dir": str(run_dir),
         })
     return rows
+
+
+def _accuracies(run_dir: Path) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(m["test_acc"]) for m in csv.DictReader(f) if m.get("test_acc")]
 
 
 def _phase_seconds(run_dir: Path, after_round: int) -> float:
@@ -139,10 +147,10 @@ def write_tables(rows: list[dict], out: Path) -> str:
         writer.writerows(rows)
     lines = [
         "test accuracy (%) after the branch phase: mean ± std over seeds; change from the warm-up checkpoint; "
-        "seeds; median phase seconds",
+        f"mean over the last {LAST} rounds; seeds; median phase seconds",
         "",
-        "| client | variant | warm-up acc | final acc | change | seeds | phase s |",
-        "|---|---|---|---|---|---|---|",
+        f"| client | variant | warm-up acc | final acc | change | last-{LAST} mean | seeds | phase s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for client in [c for c in CLIENTS if any(r["client"] == c for r in rows)]:
         for variant in [v for v in VARIANTS if any(r["client"] == client and r["variant"] == v for r in rows)]:
@@ -150,6 +158,7 @@ def write_tables(rows: list[dict], out: Path) -> str:
             lines.append(
                 f"| {client} | {variant} | {_mean_std([r['warmup_test_acc'] for r in runs])} | "
                 f"{_mean_std([r['test_acc'] for r in runs])} | {_mean_std([r['delta_acc'] for r in runs])} | "
+                f"{_mean_std([r[f'test_acc_last{LAST}'] for r in runs])} | "
                 f"{len(runs)} | {statistics.median(r['phase_s'] for r in runs):.0f} |"
             )
     table = "\n".join(lines) + "\n"
