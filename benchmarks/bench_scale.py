@@ -29,15 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from fipa.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+from fipa.train import compose
 
 
 def timed_fit(overrides: list[str], directory: Path) -> dict:
@@ -73,11 +65,8 @@ def ray_speedup(args) -> float:
 
 MEMORY_CHILD = """
 import json, resource, sys
-from hydra import compose, initialize_config_dir
-from fipa.train import CONFIG_DIR, run
-with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-    cfg = compose("train", overrides=json.loads(sys.argv[1]))
-summary = run(cfg, sys.argv[2])
+from fipa.train import compose, run
+summary = run(compose(json.loads(sys.argv[1])), sys.argv[2])
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "status": summary["status"], "metric": summary[summary["metric"]]}))
 """

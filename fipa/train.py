@@ -103,6 +103,26 @@ def _later_phase(cfg: DictConfig):
     return schedule.switch_round + 1, _instantiate(cfg.schedule.after_aggregator), float(schedule.lr_scale_after)
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The run config for these command-line overrides, composed as `fipa-train` would (for scripts and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides))
+
+
+def completed_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run directory's summary if that run completed, else None (resumable studies skip these runs)."""
+    import json
+
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" else None
+
+
 def compose_option(group: str, name: str) -> DictConfig:
     """The config node of option `name` of `group`, composed by Hydra (defaults lists included)."""
     from hydra import compose, initialize_config_dir

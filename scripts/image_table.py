@@ -31,6 +31,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fipa.train import compose, completed_summary
+
 CLIENTS = ["plain", "fedprox", "scaffold", "moon"]
 LAST = 5  # rounds averaged in the smoothed accuracy column
 VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
@@ -39,24 +41,6 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fipa": ["schedule.after=fipa_damped"],
     "fipa_lastlayer": ["schedule.after=fipa_lastlayer"],
 }
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from fipa.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
-
-
-def completed(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") == "completed" else None
 
 
 def warmup_overrides(args, client: str, seed: int) -> list[str]:
@@ -78,7 +62,7 @@ def run_all(args) -> None:
     from fipa.train import run, summary_line
 
     def run_once(overrides: list[str], run_dir: Path) -> None:
-        if completed(run_dir):
+        if completed_summary(run_dir):
             return
         print(f"[image_table] {' '.join(overrides)}", flush=True)
         print(summary_line(run(compose(overrides), run_dir)), flush=True)
@@ -104,7 +88,7 @@ def collect(out: Path, warmups: Path) -> list[dict]:
         run_dir = summary_file.parent
         client, variant = run_dir.parent.parent.name, run_dir.parent.name
         warmup_dir = warmups / client / "warmup" / run_dir.name
-        if variant == "warmup" or not completed(run_dir) or not completed(warmup_dir):
+        if variant == "warmup" or not completed_summary(run_dir) or not completed_summary(warmup_dir):
             continue
         acc, rounds = final_accuracy(run_dir)
         warmup_acc, warmup_rounds = final_accuracy(warmup_dir)

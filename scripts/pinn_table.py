@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fipa.train import compose, completed_summary
+
 PRESETS = ["poisson_1d", "poisson_2d", "poisson_3d", "poisson_5d", "allen_cahn", "bratu", "fisher_kpp", "reaction_diffusion"]
 # The paper's equal-time budgets in seconds (FIPA_SPEC 5.2; also written in each preset's header).
 BUDGET_S = {"poisson_1d": 60, "poisson_2d": 60, "poisson_3d": 60, "poisson_5d": 60,
@@ -30,16 +32,6 @@ VARIANTS = {  # name -> overrides (the 10x variant's local_epochs is filled in f
     "fedavg_10x": ["aggregator=fedavg"],
     "fipa": ["aggregator=fipa"],
 }
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from fipa.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
 
 
 def overrides_for(preset: str, variant: str, seed: int, rounds: int | None, budget: bool, extra: list[str]) -> list[str]:
@@ -54,14 +46,6 @@ def overrides_for(preset: str, variant: str, seed: int, rounds: int | None, budg
     return overrides + extra
 
 
-def completed(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") == "completed" else None
-
-
 def run_all(args) -> None:
     from fipa.train import run, summary_line
 
@@ -69,7 +53,7 @@ def run_all(args) -> None:
         for variant in args.variants:
             for seed in args.seeds:
                 run_dir = args.out / preset / variant / f"seed{seed}"
-                if completed(run_dir):
+                if completed_summary(run_dir):
                     continue
                 overrides = overrides_for(preset, variant, seed, args.rounds, args.budget, args.override)
                 print(f"[pinn_table] {' '.join(overrides)}", flush=True)

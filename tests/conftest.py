@@ -44,3 +44,14 @@ def fipa_cli(*args: str, cwd: Path, timeout: float = 300):
         timeout=timeout,
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
     )
+
+
+TIMING_COLUMNS = {"elapsed_s", "round_s", "wall_s", "curvature_s", "aggregate_s"}
+
+
+def metrics_without_timing(path) -> list[dict[str, str]]:
+    """metrics.csv rows minus the clock columns: what two runs of the same seed must agree on bit for bit."""
+    import csv
+
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]

@@ -1,10 +1,9 @@
 """executor=ray trains a round's clients on Ray workers and gives the same numbers as executor=sequential."""
 
-import csv
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, metrics_without_timing
 from fipa.train import run
 
 ray = pytest.importorskip("ray")
@@ -15,21 +14,13 @@ OVERRIDES = [
     "aggregator=fipa", "client=scaffold", "optimizer.lr=1e-3", "task.points_per_client=40",
     "federation.local_epochs=5", "federation.rounds=3", "federation.dropout_prob=0.3", "federation.clients_per_round=3",
 ]
-TIMING = {"elapsed_s", "round_s", "wall_s", "curvature_s", "aggregate_s"}
-
-
-def numbers(path):
-    with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-
-
 def test_ray_executor_equals_sequential(tmp_path):
     sequential = run(compose_config(*OVERRIDES), tmp_path / "sequential")
     parallel = run(compose_config(*OVERRIDES, "executor=ray", "executor.num_workers=2"), tmp_path / "ray")
     assert parallel["status"] == "completed"
     assert not ray.is_initialized()  # the executor shut down the Ray it started
-    rows = numbers(tmp_path / "ray" / "metrics.csv")
-    assert rows == numbers(tmp_path / "sequential" / "metrics.csv")  # bit for bit, every round
+    rows = metrics_without_timing(tmp_path / "ray" / "metrics.csv")
+    assert rows == metrics_without_timing(tmp_path / "sequential" / "metrics.csv")  # bit for bit, every round
     assert parallel["test_mse"] == sequential["test_mse"]
     assert sum(int(r["clients_dropped"]) for r in rows) >= 1 and float(rows[0]["curvature_rank_mean"]) >= 1
 

@@ -1,6 +1,5 @@
 """Checkpoint and resume: a run killed mid-way and resumed ends with the metrics of an uninterrupted run."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import compose_config, fipa_cli
+from conftest import compose_config, metrics_without_timing, fipa_cli
 from fipa.errors import ConfigError
 from fipa.federated_trainer import rng_states, set_rng_states
 from fipa.train import run
@@ -20,14 +19,6 @@ OVERRIDES = [
     "experiment=regression_1d_m4", "aggregator=fipa", "client=scaffold", "optimizer.lr=1e-3",
     "task.points_per_client=40", "federation.local_epochs=25", "federation.rounds=12", "federation.checkpoint_every=2",
 ]
-TIMING = {"elapsed_s", "round_s", "wall_s", "curvature_s", "aggregate_s"}
-
-
-def numbers(path):
-    with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-
-
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     reference = run(compose_config(*OVERRIDES), tmp_path / "reference")
 
@@ -48,11 +39,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     result = fipa_cli(f"resume={killed}", f"hydra.run.dir={tmp_path / 'resume_log'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("fipa: completed rounds=12")
-    assert numbers(killed / "metrics.csv") == numbers(tmp_path / "reference" / "metrics.csv")  # every round, bit for bit
+    assert metrics_without_timing(killed / "metrics.csv") == metrics_without_timing(tmp_path / "reference" / "metrics.csv")  # every round, bit for bit
     resumed = torch.load(killed / "model.pt", weights_only=True)
     expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
-    assert reference["test_mse"] == float(numbers(killed / "metrics.csv")[-1]["test_mse"])
+    assert reference["test_mse"] == float(metrics_without_timing(killed / "metrics.csv")[-1]["test_mse"])
 
 
 def test_rng_states_round_trip():
