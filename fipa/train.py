@@ -123,6 +123,17 @@ def completed_summary(run_dir: str | Path) -> dict[str, Any] | None:
     return summary if summary.get("status") == "completed" else None
 
 
+def run_resumable(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
+    """For study scripts: run into run_dir, or, if an earlier attempt left a checkpoint there, resume it
+    (add federation.checkpoint_every=K to the overrides of long runs so that a killed study loses little)."""
+    from fipa.federated_trainer import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) is not None:
+        return run(compose([f"resume={run_dir}"]), run_dir)
+    return run(compose(overrides), run_dir)
+
+
 def compose_option(group: str, name: str) -> DictConfig:
     """The config node of option `name` of `group`, composed by Hydra (defaults lists included)."""
     from hydra import compose, initialize_config_dir

@@ -31,7 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fipa.train import compose, completed_summary
+from fipa.train import completed_summary
 
 CLIENTS = ["plain", "fedprox", "scaffold", "moon"]
 LAST = 5  # rounds averaged in the smoothed accuracy column
@@ -59,13 +59,13 @@ def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Pat
 
 
 def run_all(args) -> None:
-    from fipa.train import run, summary_line
+    from fipa.train import run_resumable, summary_line
 
     def run_once(overrides: list[str], run_dir: Path) -> None:
         if completed_summary(run_dir):
             return
         print(f"[image_table] {' '.join(overrides)}", flush=True)
-        print(summary_line(run(compose(overrides), run_dir)), flush=True)
+        print(summary_line(run_resumable(overrides, run_dir)), flush=True)  # resumes from a checkpoint if one exists
 
     for seed in args.seeds:
         for client in args.clients:

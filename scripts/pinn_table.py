@@ -6,7 +6,8 @@
     python scripts/pinn_table.py --collect-only --out results/pinn                          # tables from finished runs
 
 Every run goes to OUT/<preset>/<variant>/seed<k>/ (metrics.csv, summary.json, the solution plot); a run whose
-summary.json says "completed" is not repeated, so an interrupted sweep resumes where it stopped. Runs are made one
+summary.json says "completed" is not repeated, and an interrupted run that saved checkpoints (pass
+--override federation.checkpoint_every=2 for long runs) resumes from its latest one. Runs are made one
 at a time, in this process (timings are only comparable without contention). Writes OUT/results.csv (one row per
 run), OUT/table.md (median [min, max] of the final test_rel_l2 over seeds) and OUT/<preset>.png (test_rel_l2 vs
 accumulated round time, one line per run).
@@ -47,7 +48,7 @@ def overrides_for(preset: str, variant: str, seed: int, rounds: int | None, budg
 
 
 def run_all(args) -> None:
-    from fipa.train import run, summary_line
+    from fipa.train import run_resumable, summary_line
 
     for preset in args.presets:
         for variant in args.variants:
@@ -57,7 +58,7 @@ def run_all(args) -> None:
                     continue
                 overrides = overrides_for(preset, variant, seed, args.rounds, args.budget, args.override)
                 print(f"[pinn_table] {' '.join(overrides)}", flush=True)
-                summary = run(compose(overrides), run_dir)
+                summary = run_resumable(overrides, run_dir)  # an interrupted run with checkpoints resumes
                 print(summary_line(summary), flush=True)
 
 

@@ -71,3 +71,19 @@ def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
     (finished / "checkpoints" / "round_1.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ConfigError, match="cannot be read .*truncated or not a checkpoint"):
         run(compose_config(f"resume={finished}"), tmp_path / "x")
+
+
+def test_study_scripts_resume_a_run_that_left_a_checkpoint(tmp_path):
+    from fipa.train import run_resumable
+
+    overrides = ["task.points_per_client=20", "federation.local_epochs=2", "federation.rounds=4", "federation.checkpoint_every=2"]
+    full = run(compose_config(*overrides), tmp_path / "full")
+    partial = tmp_path / "partial"
+    run(compose_config(*overrides[:-2], "federation.rounds=2", "federation.checkpoint_every=2"), partial)
+    (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
+    # the saved config says 2 rounds; the study asks for 4 -> a fresh run would redo round 1, resume must not
+    config = (partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 4")
+    (partial / "config.yaml").write_text(config)
+    summary = run_resumable(overrides, partial)
+    assert summary["rounds_completed"] == 4 and summary["test_mse"] == full["test_mse"]
+    assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
