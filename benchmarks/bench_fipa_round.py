@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from fipa.train import build, compose
+
 PRESET = "regression_1d_m4"
 
 
@@ -207,6 +209,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g.add_argument("--eigensolver", default="auto", choices=["auto", "exact", "randomized"],
                    help="auto (fipa_damped's default) builds the Jacobian rows when they fit in 2 GiB; randomized is matrix-free")
     g.add_argument("--threads", type=int, default=1, help="torch threads for the CNN part (regression: always 1)")
+    g = ap.add_argument_group("Fashion-MNIST (iv): needs the data (Debian's dataset-fashion-mnist)")
+    g.add_argument("--fmnist", action="store_true", help="also time the fmnist_dirichlet preset (minutes per FIPA round)")
+    g.add_argument("--fmnist-rounds", type=int, default=2)
+    g.add_argument("--fmnist-override", nargs="*", default=[], help="extra overrides, e.g. +preset.fipa_curvature_samples=128")
     ap.add_argument("--profile", choices=["regression", "regression_full", "cnn"], action="append", default=[],
                     help="after timing, cProfile one more FIPA round of this case (repeatable)")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -272,6 +278,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if "cnn" in args.profile:
                 profiles.append(("cnn fipa", fipa))
 
+        if args.fmnist:
+            total = args.warmup_rounds + args.fmnist_rounds
+            base = ["experiment=fmnist_dirichlet", "torch_threads=1", f"federation.rounds={total}", f"seed={args.seed}",
+                    f"aggregator.eigensolver={args.eigensolver}", *args.fmnist_override]
+            cases = {"fedavg": ["aggregator=fedavg"], "fipa": ["aggregator=fipa_damped"], "fipa_lastlayer": ["aggregator=fipa_lastlayer"]}
+            with tempfile.TemporaryDirectory() as tmp:
+                runners = []
+                for name, overrides in cases.items():
+                    extra = [o for o in base if not (name == "fedavg" and o.startswith("aggregator."))]
+                    runners.append(RoundRunner(name, build(compose([*extra, *overrides]), Path(tmp) / name)))
+                torch.set_num_threads(1)
+                print(f"\n(iv) fmnist_dirichlet: SmallCNN, 5 of 100 clients x 600 images, 5 local epochs, batch 50; "
+                      f"FIPA full model r=20 (damped) and last layer r=10, eigensolver={args.eigensolver}", flush=True)
+                interleave(runners, args.fmnist_rounds, args.warmup_rounds, "fmnist")
+            report(runners, "fmnist")
+            fedavg = runners[0]
+            epoch_s = fedavg.median("train_s") / 5  # 5 local epochs, summed over the round's clients
+            for runner in runners[1:]:
+                ratio = runner.median("round_s") / fedavg.median("round_s")
+                curv = runner.median("curvature_s") / epoch_s
+                results[f"ratio_fmnist_{runner.name}"] = ratio
+                results[f"ratio_fmnist_{runner.name}_curvature_per_epoch"] = curv
+                print(f"fmnist {runner.name}/fedavg round time = {runner.median('round_s'):.3f}s / "
+                      f"{fedavg.median('round_s'):.3f}s = {ratio:.2f}x; curvature / one local epoch = {curv:.2f}x")
+
         for label, runner in profiles:
             if label.startswith("cnn"):
                 torch.set_num_threads(args.threads)
@@ -280,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"\ncProfile of one {label} round:")
             print(profile_round(runner, args.profile_top))
 
-    keys = ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch"]
+    keys = ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
+            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer") for suffix in ("", "_curvature_per_epoch"))]
     print(" ".join(f"{k}={results[k]:.2f}" for k in keys if k in results))
     return results
 

@@ -71,3 +71,15 @@ def test_bench_scale_memory_part_runs_and_prints_its_ratio(capsys):
     returned, printed = run_benchmark("bench_scale.py", argv, capsys)
     assert_ratios(printed, ["ratio_memory_clients"])
     assert printed["ratio_memory_clients"] == pytest.approx(returned["ratio_memory_clients"], abs=0.005)
+
+
+@pytest.mark.slow  # loads Fashion-MNIST (Debian's dataset-fashion-mnist; skipped without it)
+def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
+    from fipa.datasets import DEBIAN_FASHION_MNIST
+
+    if not any(DEBIAN_FASHION_MNIST.glob("train-images*")):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    argv = ["--skip-regression", "--skip-cnn", "--fmnist", "--fmnist-rounds", "1", "--warmup-rounds", "0",
+            "--fmnist-override", "task.train_subset=1000", "task.test_subset=100", "+preset.fipa_curvature_samples=8"]
+    returned, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
+    assert_ratios(printed, [f"ratio_fmnist_{n}{s}" for n in ("fipa", "fipa_lastlayer") for s in ("", "_curvature_per_epoch")])
