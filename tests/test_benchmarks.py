@@ -83,3 +83,13 @@ def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
             "--fmnist-override", "task.train_subset=1000", "task.test_subset=100", "+preset.fipa_curvature_samples=8"]
     returned, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
     assert_ratios(printed, [f"ratio_fmnist_{n}{s}" for n in ("fipa", "fipa_lastlayer") for s in ("", "_curvature_per_epoch")])
+
+
+@pytest.mark.slow  # a fresh subprocess for the memory part (~25 s)
+def test_bench_pinn_runs_and_prints_ratios(capsys):
+    tiny = ["task.points_per_client=16", "task.boundary_points=4", "federation.local_epochs=2", "task.test_points=32"]
+    argv = ["--presets", "poisson_1d", "poisson_5d", "--rounds", "1", "--warmup-rounds", "0", "--override", *tiny,
+            "preset.fipa_rank=4", "--memory-rounds", "1", "--memory-override", *tiny]
+    returned, printed = run_benchmark("bench_pinn.py", argv, capsys)
+    assert_ratios(printed, ["ratio_poisson_1d", "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa"])
+    assert 0.1 < printed["peak_rss_gib_poisson_5d_fipa"] < 8

@@ -1,0 +1,84 @@
+"""PINN benchmarks (issue 4): FIPA round / FedAvg round on poisson_1d, poisson_2d and poisson_5d (target <= 3x
+on poisson_1d), and the peak memory of a poisson_5d FIPA run (limit 8 GiB).
+
+For each preset the FedAvg and FIPA trainers (the presets' own settings: tau, collocation and boundary
+counts, FIPA rank and step) run interleaved round by round from the same initial model, after an untimed
+warm-up round; the ratio is of the median round times. Round time = the clients' local fits including the
+curvature, plus the server aggregation (evaluation excluded, as in `elapsed_s`). The peak memory comes from
+a fresh subprocess that runs the poisson_5d FIPA preset for `--memory-rounds` rounds (`ru_maxrss`).
+
+    python benchmarks/bench_pinn.py                                     # about 10 minutes (poisson_5d rounds are slow)
+    python benchmarks/bench_pinn.py --presets poisson_1d --rounds 5 --skip-memory
+
+Last line: `ratio_poisson_1d=.. ratio_poisson_2d=.. ratio_poisson_5d=.. peak_rss_gib_poisson_5d_fipa=..`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared round timer of bench_fipa_round.py
+from bench_fipa_round import RoundRunner, interleave, report  # noqa: E402
+
+from fipa.train import build, compose  # noqa: E402
+
+MEMORY_CHILD = """
+import json, resource, sys
+from fipa.train import compose, run
+summary = run(compose(json.loads(sys.argv[1])), sys.argv[2])
+print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "status": summary["status"]}))
+"""
+
+
+def round_ratio(preset: str, rounds: int, warmup: int, extra: list[str]) -> float:
+    base = [f"experiment={preset}", "torch_threads=1", f"federation.rounds={warmup + rounds}", *extra]
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = [RoundRunner(name, build(compose([*base, f"aggregator={name}"]), Path(tmp) / name)) for name in ("fedavg", "fipa")]
+        torch.set_num_threads(1)
+        print(f"\n{preset}: FedAvg vs FIPA (rank {runners[1].trainer.aggregator.curvature.rank}), "
+              f"{runners[0].trainer.flat.numel} parameters", flush=True)
+        interleave(runners, rounds, warmup, preset)
+    report(runners, preset)
+    fedavg, fipa = runners
+    ratio = fipa.median("round_s") / fedavg.median("round_s")
+    target = " (target <= 3x: " + ("met)" if ratio <= 3 else "MISSED)") if preset == "poisson_1d" else ""
+    print(f"{preset} fipa/fedavg round time = {fipa.median('round_s'):.3f}s / {fedavg.median('round_s'):.3f}s = {ratio:.2f}x{target}")
+    return ratio
+
+
+def peak_memory_gib(rounds: int, extra: list[str]) -> float:
+    overrides = ["experiment=poisson_5d", "aggregator=fipa", "torch_threads=1", f"federation.rounds={rounds}", *extra]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(overrides), tmp],
+                                capture_output=True, text=True, check=True)
+    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_gib"]  # ru_maxrss is in KiB on Linux
+    print(f"poisson_5d FIPA, {rounds} rounds: peak RSS {peak:.2f} GiB (limit 8 GiB: {'met' if peak <= 8 else 'MISSED'})")
+    return peak
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["poisson_1d", "poisson_2d", "poisson_5d"])
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per case")
+    ap.add_argument("--warmup-rounds", type=int, default=1)
+    ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every case")
+    ap.add_argument("--memory-rounds", type=int, default=2)
+    ap.add_argument("--memory-override", nargs="*", default=[], help="extra overrides for the memory run (tests shrink it)")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args(argv)
+    results = {f"ratio_{p}": round_ratio(p, args.rounds, args.warmup_rounds, args.override) for p in args.presets}
+    if not args.skip_memory:
+        results["peak_rss_gib_poisson_5d_fipa"] = peak_memory_gib(args.memory_rounds, args.memory_override)
+    print(" ".join(f"{k}={v:.2f}" for k, v in results.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()
