@@ -111,3 +111,15 @@ def test_dropout_probability_must_be_below_one(tiny_config, tmp_path):
 
     with pytest.raises(ConfigError, match=r"federation.dropout_prob must be in \[0, 1\)"):
         build(tiny_config("federation.dropout_prob=1.0"), tmp_path)
+
+
+def test_a_nan_client_does_not_poison_scaffold_state(tiny_config, tmp_path):
+    """A NaN client's control variate must not reach the server control, or every later round would be NaN."""
+    trainer = trainer_with(tiny_config(*FEDAVG, "client=scaffold", "federation.rounds=3"), tmp_path, Sabotage({2}, "nan"))
+    trainer.fit()
+    (scaffold,) = trainer.client_callbacks
+    assert torch.isfinite(scaffold.server_control).all()
+    assert sorted(scaffold.client_controls) == [0, 1, 3]  # the NaN client kept no state
+    assert all(torch.isfinite(c).all() for c in scaffold.client_controls.values())
+    failed = [int(r["clients_failed"]) for r in rows(tmp_path / "metrics.csv")]
+    assert failed == [1, 1, 1]  # only the sabotaged client, every round: the others stay finite
