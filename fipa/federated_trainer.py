@@ -281,8 +281,8 @@ class FederatedTrainer:
         last_eval: dict[str, float] = self.task.evaluate(self.module.model)
         rounds_done = 0
         status = "running"
+        self.executor.start()  # before the progress bar: a worker that cannot start leaves nothing open
         progress = tqdm(total=fed.rounds, desc="rounds", disable=not self.show_progress, dynamic_ncols=True)
-        self.executor.start()
         log_every = max(1, fed.rounds // 10)  # ten log lines per run, whatever its length
         try:
             for round_idx in range(self.first_round, fed.rounds + 1):
