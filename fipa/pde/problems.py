@@ -47,8 +47,7 @@ class PDE:
     def apply(self, u: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """N[u] at points x (n, d) -> (n,), for any field u: (n, d) -> (n,) that treats points independently
         (a network, the exact solution ...); derivatives by torch.func (fipa.pde.operators)."""
-        value, grad, lap = value_grad_laplacian(u, x)
-        return self.operator(value, grad, lap, x)
+        return self.operator(*value_grad_laplacian(u, x), x)
 
     def exact(self, x: Tensor) -> Tensor:
         """u_exact at points x (n, d) -> (n,)."""

@@ -4,8 +4,10 @@ Each client owns a strip of [0, 1]^d along x_1 and minimizes
 
     mean(r_pde^2) + lambda_bc * mean(r_bc^2),   r_pde = N[u](x) - f(x),   r_bc = u(x) - g(x),
 
-with N[u] computed from automatic derivatives of the network w.r.t. its input (torch.func, vectorized over the
-batch of points; fipa.pde.operators). Its FIPA curvature is the GGN of the stacked residual
+with N[u] computed from derivatives of the network w.r.t. its input (fipa.pde.operators): by forward
+propagation of (u, grad u, Laplacian u) through the layers when the network is a plain Linear/activation stack
+(`task.laplacian=auto`, the default, or `forward`), else by torch.func automatic differentiation, vectorized
+over the batch of points (`autograd`). Its FIPA curvature is the GGN of the stacked residual
 [r_pde ; sqrt(lambda_bc) r_bc] in the paper's sum form, H = J_pde^T J_pde + lambda_bc J_bc^T J_bc: two
 CurvatureGroups with loss "mse", evaluated by the chunked machinery of fipa.curvature.
 
@@ -33,7 +35,7 @@ from torch.utils.data import Dataset
 from fipa.client import ClientModule
 from fipa.curvature import CurvatureGroup
 from fipa.errors import require
-from fipa.pde import PDE, PDES, get_pde
+from fipa.pde import PDE, PDES, forward_laplacian, get_pde
 from fipa.seeding import DATA, torch_generator
 from fipa.tasks.base import FederatedTask
 
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 TEST_STREAM = 1  # sub-stream of DATA for random test points, so they never shift the training points
+LAPLACIAN_MODES = ("auto", "forward", "autograd")
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -143,10 +146,17 @@ class PINNData(Dataset):
 class PINNModule(ClientModule):
     """PINN client: residuals by autodiff w.r.t. the input; GGN of [r_pde ; sqrt(lambda_bc) r_bc] (sum form)."""
 
-    def __init__(self, model: nn.Module, optimizer, pde: PDE, lambda_bc: float):
+    def __init__(self, model: nn.Module, optimizer, pde: PDE, lambda_bc: float, laplacian: str = "auto"):
         super().__init__(model, optimizer)
         self.pde = pde
         self.lambda_bc = float(lambda_bc)
+        # (params, x) -> (u, grad u, Laplacian u) by forward propagation, or None for torch.func autodiff.
+        self.derivatives = None if laplacian == "autograd" else forward_laplacian(model)
+        require(
+            laplacian != "forward" or self.derivatives is not None,
+            "task.laplacian=forward needs an nn.Sequential of nn.Linear layers and Tanh/Sigmoid/SiLU activations; "
+            f"got {type(model).__name__} (use task.laplacian=auto or autograd)",
+        )
 
     # Batched fields of (params, points (n, d)) -> (n,): the training loss, vectorized over the batch.
     def network_values(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -155,6 +165,8 @@ class PINNModule(ClientModule):
 
     def operator_values(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """N[u_theta] at points x (n, d) -> (n,); the PDE residual is this minus the source f."""
+        if self.derivatives is not None:
+            return self.pde.operator(*self.derivatives(params, x), x)
         return self.pde.apply(lambda y: self.network_values(params, y), x)
 
     # The same for ONE point x (d,) -> (): the curvature code calls these under vmap over points and vjp / jvp
@@ -208,6 +220,7 @@ class PINNTask(FederatedTask):
         test_points: int = 1024,
         edges: Sequence[float] = (0.0, 0.5, 1.0),
         dtype: torch.dtype = torch.float64,
+        laplacian: str = "auto",
     ):
         super().__init__(batch_size=None)  # full batch
         require(isinstance(pde, str), f"task.pde must be a string, one of {', '.join(sorted(PDES))}; got {pde!r}")
@@ -222,13 +235,14 @@ class PINNTask(FederatedTask):
         )
         require(lambda_bc >= 0 and math.isfinite(lambda_bc), f"task.lambda_bc must be >= 0, got {lambda_bc}")
         require(test_points >= 1, f"task.test_points must be >= 1, got {test_points}")
+        require(laplacian in LAPLACIAN_MODES, f"task.laplacian must be one of {', '.join(LAPLACIAN_MODES)}, got {laplacian!r}")
         edges = [float(e) for e in edges]
         require(
             len(edges) >= 2 and edges[0] == 0.0 and edges[-1] == 1.0
             and all(a < b for a, b in zip(edges[:-1], edges[1:])),
             f"task.edges must increase strictly from 0 to 1, got {edges}",
         )
-        self.dim, self.edges, self.lambda_bc = dim, edges, float(lambda_bc)
+        self.dim, self.edges, self.lambda_bc, self.laplacian = dim, edges, float(lambda_bc), laplacian
         self.input_dim, self.output_dim = dim, 1
 
         generator = torch_generator(seed, DATA)
@@ -244,7 +258,7 @@ class PINNTask(FederatedTask):
         self.test_u = self.pde.exact(self.test_x)
 
     def build_module(self, model: nn.Module, optimizer) -> PINNModule:
-        return PINNModule(model, optimizer, self.pde, self.lambda_bc)
+        return PINNModule(model, optimizer, self.pde, self.lambda_bc, self.laplacian)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
