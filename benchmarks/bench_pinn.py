@@ -1,25 +1,32 @@
 """PINN benchmarks (issue 4): FIPA round / FedAvg round on poisson_1d, poisson_2d and poisson_5d (target <= 3x
-on poisson_1d), and the peak memory of a poisson_5d FIPA run (limit 8 GiB).
+on poisson_1d), the peak memory of a poisson_5d FIPA run (limit 8 GiB), and the speed-up of the forward
+Laplacian (`task.laplacian=forward`, the default for the presets' MLP) over torch.func reverse-over-reverse
+derivatives (`task.laplacian=autograd`) for one training step.
 
 For each preset the FedAvg and FIPA trainers (the presets' own settings: tau, collocation and boundary
 counts, FIPA rank and step) run interleaved round by round from the same initial model, after an untimed
 warm-up round; the ratio is of the median round times. Round time = the clients' local fits including the
 curvature, plus the server aggregation (evaluation excluded, as in `elapsed_s`). The peak memory comes from
-a fresh subprocess that runs the poisson_5d FIPA preset for `--memory-rounds` rounds (`ru_maxrss`).
+a fresh subprocess that runs the poisson_5d FIPA preset for `--memory-rounds` rounds (`ru_maxrss`). The
+Laplacian speed-up times loss + backward on client 0's full batch at the preset's sizes, both modes on the same
+model and data, interleaved `--step-repeats` times after one untimed step each; it is the ratio of the medians.
 
     python benchmarks/bench_pinn.py                                     # about 10 minutes (poisson_5d rounds are slow)
     python benchmarks/bench_pinn.py --presets poisson_1d --rounds 5 --skip-memory
 
-Last line: `ratio_poisson_1d=.. ratio_poisson_2d=.. ratio_poisson_5d=.. peak_rss_gib_poisson_5d_fipa=..`.
+Last line: `ratio_poisson_1d=.. ratio_poisson_2d=.. ratio_poisson_5d=.. peak_rss_gib_poisson_5d_fipa=..
+laplacian_speedup_poisson_1d=.. ..._poisson_2d=.. ..._poisson_3d=.. ..._poisson_5d=..`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared round timer of bench_fipa_round.py
 from bench_fipa_round import RoundRunner, interleave, report  # noqa: E402
 
+from fipa.tasks.pinn import PINNModule  # noqa: E402
 from fipa.train import build, compose  # noqa: E402
 
 MEMORY_CHILD = """
@@ -63,19 +71,48 @@ def peak_memory_gib(rounds: int, extra: list[str]) -> float:
     return peak
 
 
+def laplacian_speedup(preset: str, repeats: int, extra: list[str]) -> float:
+    """Median training-step time with reverse-over-reverse derivatives / with the forward Laplacian."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build(compose([f"experiment={preset}", "torch_threads=1", *extra]), Path(tmp))
+    task, model = trainer.task, trainer.module.model
+    data = task.client_dataset(0)
+    params = dict(model.named_parameters())
+    modules = {mode: PINNModule(model, None, task.pde, task.lambda_bc, mode) for mode in ("autograd", "forward")}
+    seconds: dict[str, list[float]] = {mode: [] for mode in modules}
+    for step in range(repeats + 1):
+        for mode, module in modules.items():
+            start = time.perf_counter()
+            module.pinn_loss(params, data).backward()
+            if step:  # the first step of each mode is a warm-up
+                seconds[mode].append(time.perf_counter() - start)
+    autograd, forward = (statistics.median(seconds[mode]) for mode in modules)
+    print(f"{preset} training step (loss + backward, {len(data)} residuals): autograd {1e3 * autograd:.1f} ms / "
+          f"forward Laplacian {1e3 * forward:.1f} ms = {autograd / forward:.2f}x")
+    return autograd / forward
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["poisson_1d", "poisson_2d", "poisson_5d"])
+    ap.add_argument("--presets", nargs="*", default=["poisson_1d", "poisson_2d", "poisson_5d"],
+                    help="presets for the FIPA / FedAvg round ratio (none: skip it)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per case")
     ap.add_argument("--warmup-rounds", type=int, default=1)
     ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every case")
     ap.add_argument("--memory-rounds", type=int, default=2)
     ap.add_argument("--memory-override", nargs="*", default=[], help="extra overrides for the memory run (tests shrink it)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--step-presets", nargs="*", default=["poisson_1d", "poisson_2d", "poisson_3d", "poisson_5d"],
+                    help="presets for the forward-Laplacian speed-up (none: skip it)")
+    ap.add_argument("--step-repeats", type=int, default=20)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
     results = {f"ratio_{p}": round_ratio(p, args.rounds, args.warmup_rounds, args.override) for p in args.presets}
     if not args.skip_memory:
         results["peak_rss_gib_poisson_5d_fipa"] = peak_memory_gib(args.memory_rounds, args.memory_override)
+    print()
+    for preset in args.step_presets:
+        results[f"laplacian_speedup_{preset}"] = laplacian_speedup(preset, args.step_repeats, args.override)
     print(" ".join(f"{k}={v:.2f}" for k, v in results.items()))
     return results
 

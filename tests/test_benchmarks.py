@@ -89,7 +89,9 @@ def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
 def test_bench_pinn_runs_and_prints_ratios(capsys):
     tiny = ["task.points_per_client=16", "task.boundary_points=4", "federation.local_epochs=2", "task.test_points=32"]
     argv = ["--presets", "poisson_1d", "poisson_5d", "--rounds", "1", "--warmup-rounds", "0", "--override", *tiny,
-            "preset.fipa_rank=4", "--memory-rounds", "1", "--memory-override", *tiny]
+            "preset.fipa_rank=4", "--memory-rounds", "1", "--memory-override", *tiny,
+            "--step-presets", "poisson_3d", "--step-repeats", "2"]
     returned, printed = run_benchmark("bench_pinn.py", argv, capsys)
-    assert_ratios(printed, ["ratio_poisson_1d", "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa"])
+    assert_ratios(printed, ["ratio_poisson_1d", "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa",
+                            "laplacian_speedup_poisson_3d"])
     assert 0.1 < printed["peak_rss_gib_poisson_5d_fipa"] < 8

@@ -15,7 +15,7 @@ from conftest import compose_config
 from fipa.curvature import curvature_matvec, factor_rows, flatten_params, unflatten_like
 from fipa.errors import ConfigError
 from fipa.models import TanhMLP
-from fipa.pde import PDES, get_pde, value_grad_hessian_diagonal
+from fipa.pde import PDES, forward_laplacian, get_pde, value_grad_hessian_diagonal, value_grad_laplacian
 from fipa.tasks.pinn import PINNModule, PINNTask, sample_boundary, strip_owner
 from fipa.train import run
 
@@ -76,6 +76,73 @@ def test_batched_derivatives_equal_per_point_hessians():
     torch.testing.assert_close(diagonal, vmap(hessian(single))(x).diagonal(dim1=1, dim2=2))
 
 
+def stack(*layers):
+    """An nn.Sequential in float64 with seeded weights."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(*layers).to(DT)
+
+
+FORWARD_MODELS = {
+    "tanh_mlp_d1": (1, lambda: TanhMLP(1, 1, (6, 5), generator=torch.Generator().manual_seed(1))),
+    "tanh_mlp_d3": (3, lambda: TanhMLP(3, 1, (6, 5, 4), generator=torch.Generator().manual_seed(2))),
+    "tanh_mlp_d5": (5, lambda: TanhMLP(5, 1, (7, 7, 7), generator=torch.Generator().manual_seed(3))),
+    "sigmoid_silu": (3, lambda: stack(torch.nn.Linear(3, 6), torch.nn.Sigmoid(), torch.nn.Linear(6, 5), torch.nn.SiLU(),
+                                      torch.nn.Linear(5, 1))),
+    # an activation on the raw input, two Linear layers in a row, a Linear without bias
+    "odd_stack": (2, lambda: stack(torch.nn.Tanh(), torch.nn.Linear(2, 4), torch.nn.Linear(4, 4, bias=False),
+                                   torch.nn.SiLU(), torch.nn.Linear(4, 1))),
+    "affine": (2, lambda: stack(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_MODELS))
+def test_forward_laplacian_equals_autodiff(case):
+    dim, build = FORWARD_MODELS[case]
+    model = build()
+    params = dict(model.named_parameters())
+    x = torch.rand(9, dim, dtype=DT, generator=torch.Generator().manual_seed(6))
+    forward = forward_laplacian(model)
+    assert forward is not None
+    expected = value_grad_laplacian(lambda y: functional_call(model, params, (y,)).squeeze(-1), x)
+    for got, want in zip(forward(params, x), expected):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # per point under vmap, as the curvature code calls it
+    per_point = vmap(lambda y: forward(params, y.unsqueeze(0))[2].squeeze(0))(x)
+    torch.testing.assert_close(per_point, expected[2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", [
+    torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)),  # not twice differentiable
+    torch.nn.Sequential(torch.nn.Tanh()),  # no Linear layer
+    ExactField(get_pde("poisson", 2)),  # not a Sequential
+])
+def test_forward_laplacian_declines_other_models(model):
+    assert forward_laplacian(model) is None
+    task = tiny_task("poisson", 2)
+    assert task.build_module(model, None).derivatives is None  # auto: falls back to autograd
+    with pytest.raises(ConfigError, match="task.laplacian=forward needs an nn.Sequential"):
+        PINNModule(model, None, task.pde, task.lambda_bc, laplacian="forward")
+
+
+@pytest.mark.parametrize("name,dim", [("poisson", 3), ("bratu", 1)])
+def test_training_loss_and_gradient_agree_across_laplacian_modes(name, dim):
+    task = tiny_task(name, dim, points_per_client=20)
+    model = TanhMLP(dim, 1, (8, 8), generator=torch.Generator().manual_seed(7))
+    data = task.client_dataset(1)
+    results = []
+    for mode in ("forward", "autograd"):
+        module = PINNModule(model, None, task.pde, task.lambda_bc, laplacian=mode)
+        assert (module.derivatives is None) == (mode == "autograd")
+        params = dict(model.named_parameters())
+        loss = module.pinn_loss(params, data)
+        results.append((loss, torch.autograd.grad(loss, list(params.values()))))
+    (loss_f, grads_f), (loss_a, grads_a) = results
+    torch.testing.assert_close(loss_f, loss_a, rtol=1e-12, atol=0)
+    for g_f, g_a in zip(grads_f, grads_a):
+        torch.testing.assert_close(g_f, g_a, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- curvature
 def autograd_residual(pde, model, params, theta, x, target, boundary):
     """One residual with plain torch.autograd (create_graph), as a function of the flat parameters theta."""
@@ -89,9 +156,10 @@ def autograd_residual(pde, model, params, theta, x, target, boundary):
     return pde.operator(u, g, lap, x) - target
 
 
+@pytest.mark.parametrize("laplacian", ["forward", "autograd"])
 @pytest.mark.parametrize("name,dim", [("poisson", 2), ("allen_cahn", 1)])
-def test_stacked_residual_ggn_matches_a_dense_reference(name, dim):
-    task = tiny_task(name, dim, points_per_client=5, boundary_points=3)
+def test_stacked_residual_ggn_matches_a_dense_reference(name, dim, laplacian):
+    task = tiny_task(name, dim, points_per_client=5, boundary_points=3, laplacian=laplacian)
     model = TanhMLP(dim, 1, (4, 3), generator=torch.Generator().manual_seed(3))
     module = task.build_module(model, None)
     data = task.client_dataset(0)
@@ -259,6 +327,7 @@ def test_fipa_beats_fedavg_on_poisson_1d(tmp_path):
         ("task.points_per_client=0", "task.points_per_client .* must be >= 1"),
         ("task.boundary_points=0", "task.boundary_points .* must be >= 1"),
         ("task.test_points=0", "task.test_points must be >= 1"),
+        ("task.laplacian=hessian", "task.laplacian must be one of auto, forward, autograd, got 'hessian'"),
     ],
 )
 def test_bad_input_fails_before_training(override, message, tmp_path):
