@@ -144,7 +144,8 @@ class PINNData(Dataset):
 
 # ---------------------------------------------------------------------------------------------- client
 class PINNModule(ClientModule):
-    """PINN client: residuals by autodiff w.r.t. the input; GGN of [r_pde ; sqrt(lambda_bc) r_bc] (sum form)."""
+    """PINN client: residuals from input derivatives (forward Laplacian or torch.func); GGN of
+    [r_pde ; sqrt(lambda_bc) r_bc] (sum form)."""
 
     def __init__(self, model: nn.Module, optimizer, pde: PDE, lambda_bc: float, laplacian: str = "auto"):
         super().__init__(model, optimizer)
