@@ -94,7 +94,9 @@ class Scaffold(ClientCallback):
         self._server = torch.zeros_like(start) if self._server is None else self._server
         self._client = torch.zeros_like(start) if self._client is None else self._client
         correction = self._server - self._client
-        self._correction = [c.view_as(p) for c, p in zip(correction.split([p.numel() for p in self._params]), self._params)]
+        self._correction = [
+            c.view_as(p) for c, p in zip(correction.split([p.numel() for p in self._params]), self._params)
+        ]
         self._steps, self._lr = 0, 0.0
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -118,7 +120,11 @@ class Scaffold(ClientCallback):
         return {} if self._delta is None else {"control_variate": self._delta}
 
     def state_dict(self) -> dict:
-        return {"server_control": self.server_control, "client_controls": self.client_controls, "pending": self._pending}
+        return {
+            "server_control": self.server_control,
+            "client_controls": self.client_controls,
+            "pending": self._pending,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.server_control, self.client_controls = state["server_control"], dict(state["client_controls"])

@@ -72,7 +72,9 @@ def load_dataset(name: str, root: str | Path | None = None, train: bool = True) 
         isinstance(name, str) and name in DATASETS,
         f"task.dataset must be one of {', '.join(DATASETS)}; got {name!r}",
     )
-    root_key = None if name == "digits" else str(Path(root if root is not None else DEFAULT_ROOT).expanduser().absolute())
+    root_key = (
+        None if name == "digits" else str(Path(root if root is not None else DEFAULT_ROOT).expanduser().absolute())
+    )
     raw, labels = _decoded(name, root_key, bool(train))
     mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in MEAN_STD[name])
     images = torch.from_numpy(raw).to(torch.float32).div_(_SCALE.get(name, 255.0)).sub_(mean).div_(std)
@@ -112,7 +114,7 @@ def cifar_augment(
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format), plain or gzip-compressed, into a numpy array."""
     path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         data = f.read()
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
@@ -158,7 +160,7 @@ def _crop_flip(
 # ----------------------------------------------------------------------------------------------- loading
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decoded(name: str, root: str | None, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N x C x H x W, int64 N), decoded once per process; only ever handed out as copies."""
     images, labels = _LOADERS[name](Path(root) if root is not None else None, train)
@@ -235,11 +237,19 @@ def _mnist_family(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.nd
 _CIFAR = {
     # name: (torchvision class, folder inside root, train files, test files, label key, archive URL)
     "cifar10": (
-        "CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     ),
     "cifar100": (
-        "CIFAR100", "cifar-100-python", ["train"], ["test"], "fine_labels",
+        "CIFAR100",
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "fine_labels",
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     ),
 }

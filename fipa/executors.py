@@ -34,8 +34,14 @@ class Executor:
     def start(self) -> None:
         """Called by FederatedTrainer.fit before the first round."""
 
-    def run(self, trainer: FederatedTrainer, round_idx: int, global_params: torch.Tensor, round_states: list[Any],
-            jobs: list[Job]) -> Iterator[tuple[int, Any]]:
+    def run(
+        self,
+        trainer: FederatedTrainer,
+        round_idx: int,
+        global_params: torch.Tensor,
+        round_states: list[Any],
+        jobs: list[Job],
+    ) -> Iterator[tuple[int, Any]]:
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -103,7 +109,13 @@ class RayExecutor(Executor):
             # any other job, so a local Ray keeps them at normal priority (set RAY_worker_niceness to override).
             os.environ.setdefault("RAY_worker_niceness", "0")
             local = {} if self.address else {"num_cpus": int(max(1, round(self.num_workers * self.cpus_per_worker)))}
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **local)
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                **local,
+            )
             self._started_ray = True
         self._worker_class = ray.remote(num_cpus=self.cpus_per_worker)(ClientWorker)
         self.workers = [self._worker_class.remote(self.config) for _ in range(self.num_workers)]

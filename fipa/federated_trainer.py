@@ -45,7 +45,9 @@ class FederationConfig:
     def __post_init__(self):
         require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
         require(self.local_epochs >= 1, f"federation.local_epochs must be >= 1, got {self.local_epochs}")
-        require(self.local_epochs_scale >= 1, f"federation.local_epochs_scale must be >= 1, got {self.local_epochs_scale}")
+        require(
+            self.local_epochs_scale >= 1, f"federation.local_epochs_scale must be >= 1, got {self.local_epochs_scale}"
+        )
         require(self.eval_every >= 1, f"federation.eval_every must be >= 1, got {self.eval_every}")
         require(
             self.time_budget_s is None or self.time_budget_s > 0,
@@ -142,8 +144,14 @@ class FederatedTrainer:
         stays = numpy_rng(self.seed, DROPOUT, round_idx).random(len(clients)) >= self.federation.dropout_prob
         return [c for c, stay in zip(clients, stays) if stay]
 
-    def train_job(self, client_id: int, round_idx: int, global_params: torch.Tensor, round_states: list[Any],
-                  client_states: list[Any]) -> tuple[ClientUpdate, list[Any]]:
+    def train_job(
+        self,
+        client_id: int,
+        round_idx: int,
+        global_params: torch.Tensor,
+        round_states: list[Any],
+        client_states: list[Any],
+    ) -> tuple[ClientUpdate, list[Any]]:
         """The worker side of one client's round, in this process or on a remote worker: train from the
         broadcast point with the client methods' shipped state; return the update and the new client state."""
         phase = self.phase(round_idx)
@@ -180,13 +188,20 @@ class FederatedTrainer:
         # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
         for client_id, outcome in self.executor.run(self, round_idx, global_params, round_states, jobs):
             if isinstance(outcome, Exception):  # one faulty client must not end a long run
-                log.warning("round %d: client %d failed (%s: %s); left out of the round",
-                            round_idx, client_id, type(outcome).__name__, outcome)
+                log.warning(
+                    "round %d: client %d failed (%s: %s); left out of the round",
+                    round_idx,
+                    client_id,
+                    type(outcome).__name__,
+                    outcome,
+                )
                 failed += 1
                 continue
             update, client_states = outcome
             if not update.is_finite():
-                log.warning("round %d: client %d returned non-finite values; left out of the round", round_idx, client_id)
+                log.warning(
+                    "round %d: client %d returned non-finite values; left out of the round", round_idx, client_id
+                )
                 failed += 1
                 continue
             for callback, client_state in zip(self.client_callbacks, client_states):
@@ -263,7 +278,9 @@ class FederatedTrainer:
         the aggregators, clocks, RNG states and the metrics rows so far (recorders get them back). Returns the
         checkpoint's round; the run then ends exactly as an uninterrupted one would."""
         state = self.load_checkpoint(path)
-        require("metrics" in state, f"checkpoint {path} predates resume support (format {state['format']}); use init_from")
+        require(
+            "metrics" in state, f"checkpoint {path} predates resume support (format {state['format']}); use init_from"
+        )
         for phase, aggregator_state in zip(self.phases, state["aggregators"]):
             phase.aggregator.load_state_dict(aggregator_state)
         self.clock = dict(state["clock"])
@@ -276,7 +293,9 @@ class FederatedTrainer:
     def fit(self) -> dict[str, Any]:
         fed = self.federation
         global_params = self.flat.get()
-        elapsed = self.clock["elapsed_s"]  # accumulated round time: curvature + local training + aggregation (the budget clock)
+        elapsed = self.clock[
+            "elapsed_s"
+        ]  # accumulated round time: curvature + local training + aggregation (the budget clock)
         wall_start = time.perf_counter() - self.clock["wall_s"]
         last_eval: dict[str, float] = self.task.evaluate(self.module.model)
         rounds_done = 0
@@ -295,8 +314,14 @@ class FederatedTrainer:
                 budget_spent = fed.time_budget_s is not None and elapsed >= fed.time_budget_s
                 if round_idx % fed.eval_every == 0 or round_idx == fed.rounds or budget_spent:
                     last_eval = self.task.evaluate(self.module.model)
-                row = {"round": round_idx, "elapsed_s": elapsed, "round_s": round_s, **last_eval, **row,
-                       "wall_s": time.perf_counter() - wall_start}
+                row = {
+                    "round": round_idx,
+                    "elapsed_s": elapsed,
+                    "round_s": round_s,
+                    **last_eval,
+                    **row,
+                    "wall_s": time.perf_counter() - wall_start,
+                }
                 self.history.append(row)
                 for recorder in self.recorders:
                     recorder.log_round(row)
@@ -306,8 +331,14 @@ class FederatedTrainer:
                 progress.update(1)
                 progress.set_postfix({self.task.metric: f"{last_eval[self.task.metric]:.3e}"}, refresh=False)
                 if round_idx % log_every == 0 or budget_spent:
-                    log.info("round %d/%d  %s=%.4e  elapsed_s=%.1f", round_idx, fed.rounds, self.task.metric,
-                             last_eval[self.task.metric], elapsed)
+                    log.info(
+                        "round %d/%d  %s=%.4e  elapsed_s=%.1f",
+                        round_idx,
+                        fed.rounds,
+                        self.task.metric,
+                        last_eval[self.task.metric],
+                        elapsed,
+                    )
                 if budget_spent:
                     log.info("time budget of %.1f s spent after %d rounds", fed.time_budget_s, round_idx)
                     break
@@ -347,7 +378,13 @@ def rng_states() -> dict[str, Any]:
     version, internal, python_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
         "python": {"version": version, "internal": list(internal), "gauss": python_gauss},
     }
 
@@ -359,7 +396,9 @@ def set_rng_states(state: dict[str, Any]) -> None:
 
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
 
@@ -378,7 +417,9 @@ def load_checkpoint_file(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt archives
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}): truncated or not a checkpoint") from None
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}): truncated or not a checkpoint"
+        ) from None
     require(
         isinstance(state, dict) and state.get("format") in READABLE_FORMATS,
         f"{path} is not a fipa checkpoint (expected format {CHECKPOINT_FORMAT})",

@@ -141,9 +141,7 @@ def dirichlet(
     return _finish([np.concatenate(p) for p in parts])
 
 
-def _client_class_counts(
-    q: np.ndarray, available: np.ndarray, n: int, rng: np.random.Generator
-) -> np.ndarray:
+def _client_class_counts(q: np.ndarray, available: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """How many images of each class one client takes in ``n`` sequential draws (see balanced_dirichlet).
 
     Sequential model: each draw picks class c with probability q[c] / sum(q over classes with images left)
@@ -387,7 +385,9 @@ def save_histogram(hist: np.ndarray, path_prefix: str | Path) -> tuple[Path, Pat
             ax.bar(clients, hist[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c), linewidth=0)
             bottom += hist[:, c]
         ax.set_ylabel("samples")
-        ax.legend(title="class", fontsize="small", ncol=1 + num_classes // 10, bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.legend(
+            title="class", fontsize="small", ncol=1 + num_classes // 10, bbox_to_anchor=(1.01, 1), loc="upper left"
+        )
     else:
         image = ax.imshow(hist.T, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower")
         fig.colorbar(image, ax=ax, label="samples")

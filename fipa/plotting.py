@@ -17,8 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fipa.results import (Run, final_value, finite_rows, group_arms, headline_metric, load_predictions, seed_of, series,
-                          switch_round)
+from fipa.results import (
+    Run,
+    final_value,
+    finite_rows,
+    group_arms,
+    headline_metric,
+    load_predictions,
+    seed_of,
+    series,
+    switch_round,
+)
 
 if TYPE_CHECKING:  # torch stays unimported for the scripts that only read results
     from torch import Tensor
@@ -57,10 +66,14 @@ def shade_regions_1d(ax, boxes: Sequence[Box]) -> None:
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for m, (lo, hi) in enumerate(boxes):
         ax.axvspan(lo[0], hi[0], color=colors[m % len(colors)], alpha=0.12, lw=0)
-        ax.text((lo[0] + hi[0]) / 2, 1.0, f"c{m}", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+        ax.text(
+            (lo[0] + hi[0]) / 2, 1.0, f"c{m}", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7
+        )
 
 
-def plot_fit_1d(x: Tensor, target: Tensor, prediction: Tensor, boxes: Sequence[Box], path: Path, title: str = "") -> None:
+def plot_fit_1d(
+    x: Tensor, target: Tensor, prediction: Tensor, boxes: Sequence[Box], path: Path, title: str = ""
+) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     shade_regions_1d(ax, boxes)
@@ -76,7 +89,7 @@ def plot_fit_1d(x: Tensor, target: Tensor, prediction: Tensor, boxes: Sequence[B
 
 def plot_error_map_2d(xy: Tensor, target: Tensor, prediction: Tensor, boxes: Sequence[Box], path: Path) -> None:
     plt = _pyplot()
-    side = int(round(xy.shape[0] ** 0.5))
+    side = round(xy.shape[0] ** 0.5)
     grids = [t[:, 0].reshape(side, side).T for t in (target, prediction, (prediction - target).abs())]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     for ax, grid, name in zip(axes, grids, ("target", "global model", "|error|")):
@@ -92,8 +105,18 @@ def plot_error_map_2d(xy: Tensor, target: Tensor, prediction: Tensor, boxes: Seq
 
 # ------------------------------------------------------------------------------------------------ finished runs
 X_LABELS = {"round": "round", "elapsed_s": "accumulated round time (s)", "wall_s": "wall-clock time (s)"}
-ARM_COLORS = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
-              "tab:cyan", "tab:gray"]
+ARM_COLORS = [
+    "tab:blue",
+    "tab:red",
+    "tab:green",
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+]
 
 
 def _figure(figsize: tuple[float, float]):
@@ -119,16 +142,23 @@ def median_curve(runs: Sequence[Run], metric: str, x: str) -> tuple[list[float],
         for row in finite_rows(run, "round", x, metric):
             by_round.setdefault(row["round"], []).append((row[x], row[metric]))
     common = sorted(r for r, points in by_round.items() if len(points) == len(runs))
-    return ([statistics.median(p[0] for p in by_round[r]) for r in common],
-            [statistics.median(p[1] for p in by_round[r]) for r in common])
+    return (
+        [statistics.median(p[0] for p in by_round[r]) for r in common],
+        [statistics.median(p[1] for p in by_round[r]) for r in common],
+    )
 
 
 def switch_positions(runs: Sequence[Run], x: str) -> list[float]:
     """Where to mark schedule.switch_round on an x axis: the round itself, or the median x at the end of that round."""
     positions = []
     for k in sorted({switch_round(run) for run in runs} - {None}):
-        at_k = [row[x] for run in runs if switch_round(run) == k for row in run.metrics
-                if row.get("round") == k and math.isfinite(row.get(x, math.nan))]
+        at_k = [
+            row[x]
+            for run in runs
+            if switch_round(run) == k
+            for row in run.metrics
+            if row.get("round") == k and math.isfinite(row.get(x, math.nan))
+        ]
         if x == "round":
             positions.append(float(k))
         elif at_k:
@@ -136,8 +166,9 @@ def switch_positions(runs: Sequence[Run], x: str) -> list[float]:
     return positions
 
 
-def plot_learning_curves(runs: Sequence[Run], metric: str, path: str | Path,
-                         x: str | Sequence[str] = ("round", "elapsed_s"), title: str = "") -> None:
+def plot_learning_curves(
+    runs: Sequence[Run], metric: str, path: str | Path, x: str | Sequence[str] = ("round", "elapsed_s"), title: str = ""
+) -> None:
     """One panel per x column: a thin line per run, coloured by arm, and the arm's median over seeds in bold.
 
     Log y-scale for errors and losses; schedule.switch_round (warm-up then another aggregator) as a dashed line.
@@ -240,8 +271,9 @@ def _draw_map_2d(fig, ax, x, values, boxes, name: str, log_limits) -> None:
     side = math.isqrt(len(x))
     if side * side == len(x) and side > 1:
         extent = (x[:, 0].min(), x[:, 0].max(), x[:, 1].min(), x[:, 1].max())
-        image = ax.imshow(values.reshape(side, side).T, origin="lower", extent=extent, cmap="viridis", norm=norm,
-                          aspect="auto")
+        image = ax.imshow(
+            values.reshape(side, side).T, origin="lower", extent=extent, cmap="viridis", norm=norm, aspect="auto"
+        )
     else:
         image = ax.tricontourf(x[:, 0], x[:, 1], values, levels=20, cmap="viridis", norm=norm)
     fig.colorbar(image, ax=ax, fraction=0.046)

@@ -47,8 +47,16 @@ class WandbRecorder:
     uploads an offline run later.
     """
 
-    def __init__(self, run_dir: str | Path, config: dict, project: str = "fipa", group: str | None = None,
-                 tags: list[str] | None = None, name: str | None = None, mode: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: dict,
+        project: str = "fipa",
+        group: str | None = None,
+        tags: list[str] | None = None,
+        name: str | None = None,
+        mode: str | None = None,
+    ):
         import wandb  # slow import, only when asked for
 
         self._wandb = wandb

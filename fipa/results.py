@@ -281,8 +281,11 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
 def ignored_key(key: str) -> bool:
     leaf = key.rsplit(".", 1)[-1]
     # schedule.after_aggregator is the composed node of schedule.after: the name already tells the arm apart
-    return (key.startswith(("hydra.", "schedule.after_aggregator.")) or leaf in IGNORED_LEAVES
-            or leaf.endswith(("_dir", "_path")))
+    return (
+        key.startswith(("hydra.", "schedule.after_aggregator."))
+        or leaf in IGNORED_LEAVES
+        or leaf.endswith(("_dir", "_path"))
+    )
 
 
 def short_key(key: str) -> str:
@@ -295,7 +298,7 @@ def short_value(key: str, value: str) -> str:
 
 
 def arm_label(settings: dict[str, str]) -> str:
-    """"aggregator=fipa experiment=regression_1d_m4"; "all runs" when nothing tells the runs apart."""
+    """ "aggregator=fipa experiment=regression_1d_m4"; "all runs" when nothing tells the runs apart."""
     return " ".join(f"{k}={v}" for k, v in sorted(settings.items()) if v != "") or "all runs"
 
 
@@ -343,9 +346,14 @@ def tidy_rows(runs: Sequence[Run], metric: str) -> list[dict[str, Any]]:
     """One row per run: its settings, seed, the final metric, rounds completed, elapsed_s and directory."""
     settings = filled(run_settings(runs))
     return [
-        {**s, "seed": seed_of(run), metric: final_value(run, metric),
-         "rounds_completed": (run.summary or {}).get("rounds_completed", len(run.metrics)),
-         "elapsed_s": final_value(run, "elapsed_s"), "dir": str(run.dir)}
+        {
+            **s,
+            "seed": seed_of(run),
+            metric: final_value(run, metric),
+            "rounds_completed": (run.summary or {}).get("rounds_completed", len(run.metrics)),
+            "elapsed_s": final_value(run, "elapsed_s"),
+            "dir": str(run.dir),
+        }
         for run, s in zip(runs, settings)
     ]
 
@@ -357,12 +365,14 @@ def arm_table(runs: Sequence[Run], metric: str) -> list[dict[str, Any]]:
     for arm in group_arms(runs):
         stats = seed_stats([final_value(run, metric) for run in arm.runs])
         rounds = [(run.summary or {}).get("rounds_completed", len(run.metrics)) for run in arm.runs]
-        table.append({
-            **({k: arm.settings.get(k, "") for k in keys} if keys else {"arm": arm.label}),
-            "seeds": len(arm.runs),
-            **{f"{metric}_{name}": stats[name] for name in ("mean", "std", "median", "min", "max")},
-            "rounds_median": statistics.median(rounds),
-        })
+        table.append(
+            {
+                **({k: arm.settings.get(k, "") for k in keys} if keys else {"arm": arm.label}),
+                "seeds": len(arm.runs),
+                **{f"{metric}_{name}": stats[name] for name in ("mean", "std", "median", "min", "max")},
+                "rounds_median": statistics.median(rounds),
+            }
+        )
     return table
 
 

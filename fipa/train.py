@@ -182,9 +182,11 @@ def _wandb_recorder(cfg: DictConfig, output_dir: Path, recorder_cls):
     aggregator = cfg.aggregator._target_.rsplit(".", 1)[-1].lower()
     tags = [*cfg.logger.tags, f"aggregator:{aggregator}", f"seed:{cfg.seed}"]
     # the preset and other named choices, for filtering in the wandb UI (e.g. preset:poisson_2d, client:scaffold)
-    tags += [f"{'preset' if group_name == 'experiment' else group_name}:{choice}"
-             for group_name, choice in choices.items()
-             if group_name in ("experiment", "variant", "client", "sweep") and choice not in (None, "plain")]
+    tags += [
+        f"{'preset' if group_name == 'experiment' else group_name}:{choice}"
+        for group_name, choice in choices.items()
+        if group_name in ("experiment", "variant", "client", "sweep") and choice not in (None, "plain")
+    ]
     config = OmegaConf.to_container(cfg, resolve=True)
     return recorder_cls(output_dir, config=config, project=cfg.logger.project, group=group, tags=tags, name=name)
 

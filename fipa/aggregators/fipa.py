@@ -61,8 +61,13 @@ class FIPA(Aggregator):
         require(rcond > 0, f"aggregator.rcond must be > 0, got {rcond}")
         require(beta > 0, f"aggregator.beta must be > 0, got {beta}")
         require(gamma > 0, f"aggregator.gamma must be > 0, got {gamma}")
-        require(estimator in ESTIMATORS, f"aggregator.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-        require(curvature_at in ("start", "epoch_end"), f"aggregator.curvature_at must be start or epoch_end, got {curvature_at!r}")
+        require(
+            estimator in ESTIMATORS, f"aggregator.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
+        )
+        require(
+            curvature_at in ("start", "epoch_end"),
+            f"aggregator.curvature_at must be start or epoch_end, got {curvature_at!r}",
+        )
         require(
             eigensolver in ("auto", "exact", "randomized"),
             f"aggregator.eigensolver must be auto, exact or randomized, got {eigensolver!r}",
@@ -111,7 +116,9 @@ class FIPA(Aggregator):
 
     def bind(self, flat: FlatParameters) -> None:
         names = flat.matching_names(self.params)
-        require(bool(names), f"aggregator.params={self.params!r} matches no parameter; names are: {', '.join(flat.names)}")
+        require(
+            bool(names), f"aggregator.params={self.params!r} matches no parameter; names are: {', '.join(flat.names)}"
+        )
         self.curvature.param_names = names
         self.mask = flat.mask(self.params)
         self.all_selected = bool(self.mask.all())
@@ -184,6 +191,8 @@ class FIPA(Aggregator):
             "effective_rank_mean": sum(effective_rank(lam) for lam in kept) / len(kept) if kept else 0.0,
             "eigenvalue_max": max(float(lam.max()) for lam in kept) if kept else 0.0,
             "eigenvalue_min": min(float(lam.min()) for lam in kept) if kept else 0.0,
-            "update_in_subspace_mean": sum(self._in_subspace) / len(self._in_subspace) if self._in_subspace else float("nan"),
+            "update_in_subspace_mean": sum(self._in_subspace) / len(self._in_subspace)
+            if self._in_subspace
+            else float("nan"),
             "update_in_subspace_min": min(self._in_subspace) if self._in_subspace else float("nan"),
         }

@@ -45,15 +45,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "weighted_average",
-    "diagonal_weighted_average",
-    "scaled_factor",
-    "factor_rhs",
-    "stack_scaled_factors",
     "aggregate_rhs",
-    "subspace_curvature",
-    "lowrank_pinv_solve",
+    "diagonal_weighted_average",
+    "factor_rhs",
     "lowrank_damped_solve",
+    "lowrank_pinv_solve",
+    "scaled_factor",
+    "stack_scaled_factors",
+    "subspace_curvature",
+    "weighted_average",
 ]
 
 
@@ -166,8 +166,7 @@ def diagonal_weighted_average(
     for i, (d, c) in enumerate(zip(deltas, diagonals)):
         if d.shape != shape or c.shape != shape:
             raise ValueError(
-                f"deltas[{i}] / diagonals[{i}] have shapes {tuple(d.shape)} / {tuple(c.shape)}, "
-                f"expected {tuple(shape)}"
+                f"deltas[{i}] / diagonals[{i}] have shapes {tuple(d.shape)} / {tuple(c.shape)}, expected {tuple(shape)}"
             )
         if c.numel() and bool((c < 0).any()):
             raise ValueError(f"diagonals[{i}] has negative entries; a curvature diagonal must be >= 0")
@@ -205,9 +204,7 @@ def factor_rhs(eigenvectors: Tensor, eigenvalues: Tensor, weight: float, delta: 
     _check_factor(eigenvectors, eigenvalues)
     w = _nonnegative("weight", weight)
     if delta.dim() != 1 or delta.shape[0] != eigenvectors.shape[0]:
-        raise ValueError(
-            f"delta must be a vector of length p={eigenvectors.shape[0]}, got shape {tuple(delta.shape)}"
-        )
+        raise ValueError(f"delta must be a vector of length p={eigenvectors.shape[0]}, got shape {tuple(delta.shape)}")
     delta = delta.to(eigenvectors.dtype)
     coef = (eigenvectors.T @ delta) * (eigenvalues.to(eigenvectors.dtype) * w)
     return eigenvectors @ coef
@@ -301,9 +298,7 @@ def aggregate_rhs(
         _check_factor(U, lam)
         w = _nonnegative(f"weights[{i}]", w)
         if U.shape[0] != p or d.dim() != 1 or d.shape[0] != p:
-            raise ValueError(
-                f"client {i}: eigenvectors {tuple(U.shape)} / delta {tuple(d.shape)} do not match p={p}"
-            )
+            raise ValueError(f"client {i}: eigenvectors {tuple(U.shape)} / delta {tuple(d.shape)} do not match p={p}")
         if U.shape[1] == 0 or w == 0.0:
             continue
         U = U.to(dtype)
@@ -375,9 +370,7 @@ class _ImplicitSubspace:
         return torch.ormqr(self.a, self.tau, full, left=True, transpose=False)[:, 0]
 
 
-def lowrank_pinv_solve(
-    F: Tensor, b: Tensor, rcond: float = 1e-5, *, overwrite_factor: bool = False
-) -> Tensor:
+def lowrank_pinv_solve(F: Tensor, b: Tensor, rcond: float = 1e-5, *, overwrite_factor: bool = False) -> Tensor:
     """``pinv(F F^T, rcond) @ b`` without forming ``F F^T``.
 
     Eigenvalues of ``H = F F^T`` not above ``rcond`` times the largest are dropped, exactly like

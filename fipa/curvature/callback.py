@@ -36,7 +36,9 @@ def choose_eigensolver(num_rows: int, num_params: int, rank: int | None, oversam
     return "rows" if small_target or min(num_rows, num_params) > EXACT_MAX_DIM else "exact"
 
 
-def merge_average(running: LowRankCurvature | None, new: LowRankCurvature, count: int, rank: int | None) -> LowRankCurvature:
+def merge_average(
+    running: LowRankCurvature | None, new: LowRankCurvature, count: int, rank: int | None
+) -> LowRankCurvature:
     """Running mean of low-rank curvatures: ((count-1) H_running + H_new) / count, re-truncated to `rank`."""
     if running is None:
         return new
@@ -144,7 +146,11 @@ class CurvatureCallback(ClientCallback):
             params = {n: p.detach() for n, p in pl_module.model.named_parameters() if n in selected}
             self._count += 1
             generator = torch_generator(
-                self.seed, CURVATURE, getattr(pl_module, "round_idx", 0), getattr(pl_module, "client_id", 0), self._count
+                self.seed,
+                CURVATURE,
+                getattr(pl_module, "round_idx", 0),
+                getattr(pl_module, "client_id", 0),
+                self._count,
             )
             groups = subsample_groups(pl_module.curvature_groups(pl_module.local_data), self.max_samples, generator)
             if self.representation == "diagonal":
@@ -154,7 +160,9 @@ class CurvatureCallback(ClientCallback):
                 else:
                     self._diagonal += (diagonal - self._diagonal) / self._count
             else:
-                self._lowrank = merge_average(self._lowrank, self._lowrank_curvature(params, groups, generator), self._count, self.rank)
+                self._lowrank = merge_average(
+                    self._lowrank, self._lowrank_curvature(params, groups, generator), self._count, self.rank
+                )
         finally:
             pl_module.train(was_training)
             self._seconds += time.perf_counter() - start
@@ -164,7 +172,12 @@ class CurvatureCallback(ClientCallback):
         rank = self.rank
         if rank is not None and rank >= num_params:
             if not self._warned_rank:
-                log.warning("aggregator.rank=%d >= number of curvature parameters %d: clamped to %d", rank, num_params, num_params)
+                log.warning(
+                    "aggregator.rank=%d >= number of curvature parameters %d: clamped to %d",
+                    rank,
+                    num_params,
+                    num_params,
+                )
                 self._warned_rank = True
             rank = num_params
         rows_per_sample = 1 if self.estimator != "ggn" else None
@@ -175,12 +188,12 @@ class CurvatureCallback(ClientCallback):
             element_size = torch.empty((), dtype=dtype).element_size()
             solver = choose_eigensolver(num_rows, num_params, rank, self.oversample, element_size)
         if solver == "randomized":
-            matvec = lambda V: curvature_matvec(params, groups, V, self.estimator, generator, self.sample_block)  # noqa: E731
+            matvec = lambda V: curvature_matvec(params, groups, V, self.estimator, generator, self.sample_block)
         else:
             rows = factor_rows(params, groups, self.estimator, generator, self.sample_block)
             if solver == "exact":
                 return top_eigenpairs_from_rows(rows, rank)
-            matvec = lambda V: rows.T @ (rows @ V)  # noqa: E731
+            matvec = lambda V: rows.T @ (rows @ V)
         return randomized_eigenpairs(matvec, num_params, rank, self.oversample, self.power_iters, generator, dtype)
 
 

@@ -69,7 +69,9 @@ class CurvatureGroup:
     weight: float = 1.0
 
 
-def subsample_groups(groups: Sequence[CurvatureGroup], max_samples: int | None, generator: torch.Generator | None) -> list[CurvatureGroup]:
+def subsample_groups(
+    groups: Sequence[CurvatureGroup], max_samples: int | None, generator: torch.Generator | None
+) -> list[CurvatureGroup]:
     """At most `max_samples` samples per group: a uniform random subset without replacement, its weight scaled
     by n / max_samples, so the subsampled curvature is an unbiased estimate of the full one.
 
@@ -86,7 +88,9 @@ def subsample_groups(groups: Sequence[CurvatureGroup], max_samples: int | None, 
             continue
         keep = torch.randperm(n, generator=generator)[:max_samples].to(group.inputs.device)
         targets = None if group.targets is None else group.targets[keep]
-        subsampled.append(replace(group, inputs=group.inputs[keep], targets=targets, weight=group.weight * n / max_samples))
+        subsampled.append(
+            replace(group, inputs=group.inputs[keep], targets=targets, weight=group.weight * n / max_samples)
+        )
     return subsampled
 
 
@@ -329,9 +333,9 @@ def curvature_matvec(
                 continue
             f = _single_output(group.output_fn)
             for inputs, targets, eps in _chunks(group, noise, chunk_size):
-                batched = lambda q, xs=inputs: vmap(f, in_dims=(None, 0))(q, xs)  # noqa: E731  (b, C)
+                batched = lambda q, xs=inputs, f=f: vmap(f, in_dims=(None, 0))(q, xs)
                 z, vjp_fn = vjp(batched, params)
-                jv = vmap(lambda t: jvp(batched, (params,), (t,))[1])(tangents)  # (k, b, C)
+                jv = vmap(lambda t, fn=batched: jvp(fn, (params,), (t,))[1])(tangents)  # (k, b, C)
                 s = _factors(z, targets, eps, group.loss, estimator)  # (b, C, kk)
                 w = torch.einsum("bck,jbk->jbc", s, torch.einsum("bck,jbc->jbk", s, jv)) * float(group.weight)
                 (grads,) = vmap(vjp_fn)(w)

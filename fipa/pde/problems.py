@@ -82,37 +82,47 @@ def get_pde(name: str, dim: int | None = None) -> PDE:
 # ----------------------------------------------------------------------------------- the paper's problems
 PI = math.pi
 
-register(PDE(
-    name="poisson",
-    equation="-Laplace u = f,  u = sum_i sin(pi x_i)",
-    operator=lambda u, grad, lap, x: -lap,
-    solution=lambda x: torch.sin(PI * x).sum(-1),
-))
-register(PDE(
-    name="allen_cahn",
-    equation="-u'' + u^3 - u = f,  u = sin(pi x)",
-    operator=lambda u, grad, lap, x: -lap + u**3 - u,
-    solution=lambda x: torch.sin(PI * x[:, 0]),
-    dims=(1,),
-))
-register(PDE(
-    name="bratu",
-    equation="-u'' - exp(u) = f,  u = x (1 - x)",
-    operator=lambda u, grad, lap, x: -lap - torch.exp(u),
-    solution=lambda x: x[:, 0] * (1 - x[:, 0]),
-    dims=(1,),
-))
-register(PDE(
-    name="fisher_kpp",
-    equation="-u'' + u (1 - u) = f,  u = x^2 (1 - x)",
-    operator=lambda u, grad, lap, x: -lap + u * (1 - u),
-    solution=lambda x: x[:, 0] ** 2 * (1 - x[:, 0]),
-    dims=(1,),
-))
-register(PDE(
-    name="reaction_diffusion",
-    equation="-u'' + u^2 = f,  u = sin(2 pi x)",
-    operator=lambda u, grad, lap, x: -lap + u**2,
-    solution=lambda x: torch.sin(2 * PI * x[:, 0]),
-    dims=(1,),
-))
+register(
+    PDE(
+        name="poisson",
+        equation="-Laplace u = f,  u = sum_i sin(pi x_i)",
+        operator=lambda u, grad, lap, x: -lap,
+        solution=lambda x: torch.sin(PI * x).sum(-1),
+    )
+)
+register(
+    PDE(
+        name="allen_cahn",
+        equation="-u'' + u^3 - u = f,  u = sin(pi x)",
+        operator=lambda u, grad, lap, x: -lap + u**3 - u,
+        solution=lambda x: torch.sin(PI * x[:, 0]),
+        dims=(1,),
+    )
+)
+register(
+    PDE(
+        name="bratu",
+        equation="-u'' - exp(u) = f,  u = x (1 - x)",
+        operator=lambda u, grad, lap, x: -lap - torch.exp(u),
+        solution=lambda x: x[:, 0] * (1 - x[:, 0]),
+        dims=(1,),
+    )
+)
+register(
+    PDE(
+        name="fisher_kpp",
+        equation="-u'' + u (1 - u) = f,  u = x^2 (1 - x)",
+        operator=lambda u, grad, lap, x: -lap + u * (1 - u),
+        solution=lambda x: x[:, 0] ** 2 * (1 - x[:, 0]),
+        dims=(1,),
+    )
+)
+register(
+    PDE(
+        name="reaction_diffusion",
+        equation="-u'' + u^2 = f,  u = sin(2 pi x)",
+        operator=lambda u, grad, lap, x: -lap + u**2,
+        solution=lambda x: torch.sin(2 * PI * x[:, 0]),
+        dims=(1,),
+    )
+)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fipa import partition as partitioning
 from fipa.datasets import NUM_CLASSES, cifar_augment, load_dataset
 from fipa.errors import require
-from fipa import partition as partitioning
 from fipa.seeding import AUGMENT, DATA, numpy_rng, torch_generator
 from fipa.tasks.classification import ClassificationModule, ClassificationTask
 
@@ -56,4 +56,3 @@ class ImageClassification(ClassificationTask):
 
     def save_artifacts(self, model: nn.Module, output_dir) -> None:
         partitioning.save_histogram(self.histogram, Path(output_dir) / "class_histogram")
-

@@ -95,10 +95,12 @@ def sample_boundary(
             if axis == 0:
                 x = torch.rand(per_face, dim, generator=generator, dtype=dtype)
             else:
-                x = torch.cat([
-                    sample_collocation(lo, hi, dim, count, generator, dtype)
-                    for (lo, hi), count in zip(zip(edges[:-1], edges[1:]), _split_count(per_face, widths))
-                ])
+                x = torch.cat(
+                    [
+                        sample_collocation(lo, hi, dim, count, generator, dtype)
+                        for (lo, hi), count in zip(zip(edges[:-1], edges[1:]), _split_count(per_face, widths))
+                    ]
+                )
             x[:, axis] = float(side)
             xs.append(x)
             faces.append(torch.full((len(x),), 2 * axis + side, dtype=torch.long))
@@ -236,10 +238,15 @@ class PINNTask(FederatedTask):
         )
         require(lambda_bc >= 0 and math.isfinite(lambda_bc), f"task.lambda_bc must be >= 0, got {lambda_bc}")
         require(test_points >= 1, f"task.test_points must be >= 1, got {test_points}")
-        require(laplacian in LAPLACIAN_MODES, f"task.laplacian must be one of {', '.join(LAPLACIAN_MODES)}, got {laplacian!r}")
+        require(
+            laplacian in LAPLACIAN_MODES,
+            f"task.laplacian must be one of {', '.join(LAPLACIAN_MODES)}, got {laplacian!r}",
+        )
         edges = [float(e) for e in edges]
         require(
-            len(edges) >= 2 and edges[0] == 0.0 and edges[-1] == 1.0
+            len(edges) >= 2
+            and edges[0] == 0.0
+            and edges[-1] == 1.0
             and all(a < b for a, b in zip(edges[:-1], edges[1:])),
             f"task.edges must increase strictly from 0 to 1, got {edges}",
         )
@@ -279,8 +286,10 @@ class PINNTask(FederatedTask):
         output_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             x = self.plot_points()
-            strips = [((lo,) + (0.0,) * (self.dim - 1), (hi,) + (1.0,) * (self.dim - 1))
-                      for lo, hi in zip(self.edges[:-1], self.edges[1:])]
+            strips = [
+                ((lo,) + (0.0,) * (self.dim - 1), (hi,) + (1.0,) * (self.dim - 1))
+                for lo, hi in zip(self.edges[:-1], self.edges[1:])
+            ]
             save_predictions(output_dir / "predictions.npz", x, self.pde.exact(x), model(x), strips)
             if self.dim == 1:
                 self._plot_1d(model, output_dir / "solution.png")

@@ -34,7 +34,9 @@ def sine_target(x: Tensor, frequency: float) -> Tensor:
 
 def gaussian_mixture_target(xy: Tensor) -> Tensor:
     x, y = xy[:, :1], xy[:, 1:2]
-    return sum(a * torch.exp(-(((x - mx) / sx) ** 2) / 2 - ((y - my) / sy) ** 2 / 2) for a, mx, my, sx, sy in GAUSSIANS_2D)
+    return sum(
+        a * torch.exp(-(((x - mx) / sx) ** 2) / 2 - ((y - my) / sy) ** 2 / 2) for a, mx, my, sx, sy in GAUSSIANS_2D
+    )
 
 
 def uniform_in_box(lower: Sequence[float], upper: Sequence[float], n: int, generator, dtype) -> Tensor:
@@ -99,7 +101,9 @@ class RegressionTask(FederatedTask):
         from fipa.plotting import plot_error_map_2d, plot_fit_1d, save_predictions
 
         prediction = model(self.test_inputs)
-        save_predictions(Path(output_dir) / "predictions.npz", self.test_inputs, self.test_targets, prediction, self.boxes)
+        save_predictions(
+            Path(output_dir) / "predictions.npz", self.test_inputs, self.test_targets, prediction, self.boxes
+        )
         if self.input_dim == 1:
             plot_fit_1d(self.test_inputs, self.test_targets, prediction, self.boxes, Path(output_dir) / "fit.png")
         elif self.input_dim == 2:
