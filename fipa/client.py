@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -94,6 +94,11 @@ class ClientCallback(L.Callback):
         return None
 
 
+def client_model(pl_module: L.LightningModule) -> nn.Module:
+    """The network a client module trains (its `model`), as the callbacks' hooks, typed for LightningModule, see it."""
+    return cast(nn.Module, pl_module.model)
+
+
 class ClientModule(L.LightningModule):
     """Base class of a federated client's local model.
 
@@ -117,7 +122,10 @@ class ClientModule(L.LightningModule):
         self.client_id = 0
         self.round_idx = 0
         self.num_clients = 1
-        self.last_train_loss = float("nan")
+        # The job's own random stream, drawn from (seed, round, client) by the runner: augmentation and any other
+        # training-time randomness use it, so a client trains the same in any process and after a resume.
+        self.generator: torch.Generator | None = None
+        self.last_train_loss: Tensor | float = float("nan")
         self.automatic_optimization = type(self).training_step is not ClientModule.training_step
 
     # Lightning sets `_current_fx_name` twice per hook call; nn.Module.__setattr__ makes that ~0.1 ms per step
@@ -135,7 +143,7 @@ class ClientModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must define training_loss(batch) or training_step")
 
     def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
+        optimizer = cast(L.pytorch.core.optimizer.LightningOptimizer, self.optimizers())  # one optimizer
         optimizer.zero_grad()
         loss = self.training_loss(batch)
         self.manual_backward(loss)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning import LightningModule, Trainer
 
-from fipa.client import ClientCallback
+from fipa.client import ClientCallback, client_model
 from fipa.errors import require
 
 
@@ -61,7 +63,7 @@ class Scaffold(ClientCallback):
 
     # server side
     def on_round_start(self, round_idx: int, num_clients: int) -> None:
-        if self._pending is not None:
+        if self._pending is not None and self.server_control is not None:
             self.server_control += self._pending / num_clients
             self._pending = None
 
@@ -88,7 +90,7 @@ class Scaffold(ClientCallback):
         self._new_control = self._delta = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._params = [p for p in pl_module.model.parameters()]
+        self._params = [p for p in client_model(pl_module).parameters()]
         start = _flat(self._params)
         self._start = start
         self._server = torch.zeros_like(start) if self._server is None else self._server
@@ -147,7 +149,7 @@ class Moon(ClientCallback):
         self.previous: dict[int, torch.Tensor] = {}  # server side: each client's last local model, flat on CPU
         self._previous_flat: torch.Tensor | None = None
 
-    def _frozen_copy(self, model, flat: torch.Tensor | None):
+    def _frozen_copy(self, model, flat: torch.Tensor | None) -> Any:
         import copy
 
         clone = copy.deepcopy(model).eval()
@@ -159,7 +161,7 @@ class Moon(ClientCallback):
     def client_state(self, client_id: int) -> torch.Tensor | None:
         return self.previous.get(client_id)
 
-    def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
+    def on_client_result(self, client_id: int, update, state: torch.Tensor) -> None:
         self.previous[client_id] = state
 
     # worker side
@@ -167,10 +169,10 @@ class Moon(ClientCallback):
         self._previous_flat = client_state
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        require(hasattr(pl_module.model, "features"), "client=moon needs a model with a features(x) method")
-        self._global = self._frozen_copy(pl_module.model, None)
+        require(hasattr(client_model(pl_module), "features"), "client=moon needs a model with a features(x) method")
+        self._global = self._frozen_copy(client_model(pl_module), None)
         previous = self._previous_flat
-        self._previous = self._global if previous is None else self._frozen_copy(pl_module.model, previous)
+        self._previous = self._global if previous is None else self._frozen_copy(client_model(pl_module), previous)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         self._inputs = batch[0]
@@ -179,7 +181,8 @@ class Moon(ClientCallback):
         if self.mu == 0:
             return
         x = self._inputs
-        z = pl_module.model.features(x)
+        model: Any = client_model(pl_module)  # a model with features(x)
+        z = model.features(x)
         if not z.requires_grad:  # representation layers frozen (e.g. a last-layer FIPA phase): no gradient to add
             return
         with torch.no_grad():
@@ -192,8 +195,8 @@ class Moon(ClientCallback):
         loss.backward()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._local = torch.nn.utils.parameters_to_vector(pl_module.model.parameters()).detach().clone()
-        self._global = self._previous = None
+        self._local = torch.nn.utils.parameters_to_vector(client_model(pl_module).parameters()).detach().clone()
+        self._global = self._previous = None  # the frozen copies go with the fit
 
     def end_client(self) -> torch.Tensor:
         return self._local

@@ -46,5 +46,5 @@ def batch_loader(
 
     `batch_size=None` means full batch (the regression and PINN presets train full-batch).
     """
-    sampler = BatchIndexSampler(len(dataset), batch_size, shuffle, generator)
+    sampler = BatchIndexSampler(len(dataset), batch_size, shuffle, generator)  # type: ignore[arg-type]
     return DataLoader(dataset, sampler=sampler, batch_size=None)

@@ -1,6 +1,6 @@
 """Where the clients of a round train: in this process (`executor=sequential`) or on Ray workers (`executor=ray`).
 
-An executor runs jobs `(client_id, client_states)` through `FederatedTrainer.train_job` and yields
+An executor runs jobs `(client_id, client_states)` through a `ClientRunner` (the worker seam) and yields
 `(client_id, (update, new_client_states))`, or `(client_id, exception)` for a client that failed, in the jobs'
 order. The round loop streams them into the aggregator as they come; the order makes the aggregate, and so
 the whole run, bit-identical between executors for the same seed.
@@ -13,12 +13,12 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from fipa.errors import require
+from fipa.errors import ConfigError, require
 
 if TYPE_CHECKING:
     import torch
 
-    from fipa.federated_trainer import FederatedTrainer
+    from fipa.runner import ClientRunner
 
 log = logging.getLogger("fipa")
 
@@ -26,17 +26,18 @@ Job = tuple[int, list[Any]]
 
 
 class Executor:
-    config: dict[str, Any] | None = None  # the resolved run config, set by fipa.train.build (workers build from it)
+    config: dict[str, Any] | None = None  # the resolved run config (remote workers build their runners from it)
+    runner: ClientRunner | None = None  # the driver's own runner (clients that train in this process use it)
 
-    def bind(self, config: dict[str, Any]) -> None:
-        self.config = config
+    def bind(self, config: dict[str, Any], runner: ClientRunner) -> None:
+        """Called by fipa.train.build before the run."""
+        self.config, self.runner = config, runner
 
     def start(self) -> None:
         """Called by FederatedTrainer.fit before the first round."""
 
     def run(
         self,
-        trainer: FederatedTrainer,
         round_idx: int,
         global_params: torch.Tensor,
         round_states: list[Any],
@@ -49,33 +50,35 @@ class Executor:
 
 
 class SequentialExecutor(Executor):
-    """One client after another in this process, with the trainer's own Lightning module (the default)."""
+    """One client after another in this process, on the driver's ClientRunner (the default)."""
 
-    def run(self, trainer, round_idx, global_params, round_states, jobs):
+    def run(self, round_idx, global_params, round_states, jobs):
+        runner = self.runner
+        if runner is None:
+            raise ConfigError("executor=sequential needs the driver's ClientRunner (fipa.train.build binds it)")
         for client_id, client_states in jobs:
+            outcome: Any
             try:
-                outcome = trainer.train_job(client_id, round_idx, global_params, round_states, client_states)
+                outcome = runner.train(client_id, round_idx, global_params, round_states, client_states)
             except Exception as error:
                 outcome = error
             yield client_id, outcome
 
 
 class ClientWorker:
-    """A Ray actor: builds its own task, model and local trainers from the run config once, then trains
-    whichever clients it is sent (their client-method state travels with the job)."""
+    """A Ray actor: builds its own ClientRunner from the run config once, then trains whichever clients it is sent
+    (their client-method state travels with the job)."""
 
     def __init__(self, config: dict[str, Any]):
-        from omegaconf import OmegaConf
+        from fipa.runner import ClientRunner
 
-        from fipa.train import build
-
-        self.trainer = build(OmegaConf.create(config), output_dir=None, worker=True)
+        self.runner = ClientRunner.from_config(config)
 
     def ready(self) -> bool:
         return True
 
     def train(self, client_id, round_idx, global_params, round_states, client_states):
-        return self.trainer.train_job(client_id, round_idx, global_params, round_states, client_states)
+        return self.runner.train(client_id, round_idx, global_params, round_states, client_states)
 
 
 class RayExecutor(Executor):
@@ -101,14 +104,14 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            from fipa.errors import ConfigError
-
             raise ConfigError("executor=ray needs Ray: pip install 'ray>=2.9'") from None
         if not ray.is_initialized():
             # Ray renices its workers to 15; on a shared machine they would then starve behind the driver and
             # any other job, so a local Ray keeps them at normal priority (set RAY_worker_niceness to override).
             os.environ.setdefault("RAY_worker_niceness", "0")
-            local = {} if self.address else {"num_cpus": int(max(1, round(self.num_workers * self.cpus_per_worker)))}
+            local: dict[str, Any] = (
+                {} if self.address else {"num_cpus": int(max(1, round(self.num_workers * self.cpus_per_worker)))}
+            )
             ray.init(
                 address=self.address,
                 include_dashboard=False,
@@ -121,7 +124,7 @@ class RayExecutor(Executor):
         self.workers = [self._worker_class.remote(self.config) for _ in range(self.num_workers)]
         ray.get([worker.ready.remote() for worker in self.workers])  # start-up is not round time
 
-    def run(self, trainer, round_idx, global_params, round_states, jobs):
+    def run(self, round_idx, global_params, round_states, jobs):
         import ray
 
         params_ref, states_ref = ray.put(global_params), ray.put(round_states)

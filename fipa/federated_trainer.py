@@ -1,12 +1,11 @@
-"""The round loop: sample clients, broadcast, train each locally with Lightning, stream into the aggregator,
-set the new global model, evaluate, log."""
+"""The server loop: sample clients, broadcast, let the executor train them (each through the worker seam,
+`fipa.runner.ClientRunner`), stream their uploads into the aggregator, set the new global model, evaluate, log."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,11 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fipa.aggregators.base import Aggregator
-from fipa.client import ClientCallback, ClientUpdate, LocalTrainer, train_client
+from fipa.client import ClientCallback
+from fipa.components import Components, Phase, phase_of
+from fipa.config import FederationConfig
 from fipa.errors import ConfigError, require
-from fipa.executors import Executor, SequentialExecutor
+from fipa.executors import Executor
 from fipa.parameters import FlatParameters
-from fipa.seeding import DROPOUT, SAMPLING, SHUFFLE, numpy_rng, torch_generator
+from fipa.seeding import DROPOUT, SAMPLING, numpy_rng
 from fipa.tasks.base import FederatedTask
 
 log = logging.getLogger(__name__)
@@ -30,62 +31,20 @@ class Recorder(Protocol):
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
-@dataclass
-class FederationConfig:
-    rounds: int = 100
-    local_epochs: int = 20
-    local_epochs_scale: int = 1  # multiplies local_epochs: "FedAvg with 10x local epochs" across presets' taus
-    clients_per_round: int | None = None  # None: all clients, every round
-    time_budget_s: float | None = None  # stop once the accumulated round time exceeds it (equal-time protocol)
-    eval_every: int = 1
-    lr_decay: float = 1.0  # client learning rate x lr_decay^(round-1); the image presets use 0.998
-    checkpoint_every: int | None = None  # save the global model and client-method state every n rounds
-    dropout_prob: float = 0.0  # each sampled client independently drops out of a round (seeded), as devices do
-
-    def __post_init__(self):
-        require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
-        require(self.local_epochs >= 1, f"federation.local_epochs must be >= 1, got {self.local_epochs}")
-        require(
-            self.local_epochs_scale >= 1, f"federation.local_epochs_scale must be >= 1, got {self.local_epochs_scale}"
-        )
-        require(self.eval_every >= 1, f"federation.eval_every must be >= 1, got {self.eval_every}")
-        require(
-            self.time_budget_s is None or self.time_budget_s > 0,
-            f"federation.time_budget_s must be > 0 or null, got {self.time_budget_s}",
-        )
-        require(0 < self.lr_decay <= 1, f"federation.lr_decay must be in (0, 1], got {self.lr_decay}")
-        require(0 <= self.dropout_prob < 1, f"federation.dropout_prob must be in [0, 1), got {self.dropout_prob}")
-        require(
-            self.checkpoint_every is None or self.checkpoint_every >= 1,
-            f"federation.checkpoint_every must be >= 1 or null, got {self.checkpoint_every}",
-        )
-
-
-@dataclass
-class Phase:
-    """A stretch of rounds with one server rule, e.g. a FedAvg warm-up and then a FIPA phase."""
-
-    first_round: int
-    aggregator: Aggregator
-    local_trainer: LocalTrainer
-    lr_scale: float = 1.0  # client learning-rate multiplier during the phase (0.1 in the paper's FIPA phase)
-
-
 class FederatedTrainer:
     def __init__(
         self,
         task: FederatedTask,
         model: torch.nn.Module,
-        optimizer,
-        aggregator: Aggregator,
+        flat: FlatParameters,
+        phases: list[Phase],
         federation: FederationConfig,
-        client_callbacks: list[ClientCallback] | None = None,
+        executor: Executor,
+        client_methods: list[ClientCallback] | None = None,
         recorders: list[Recorder] | None = None,
         seed: int = 0,
         show_progress: bool | None = None,
-        later_phase: tuple[int, Aggregator, float] | None = None,
         output_dir: str | Path | None = None,
-        executor: Executor | None = None,
     ):
         per_round = federation.clients_per_round
         require(
@@ -93,42 +52,48 @@ class FederatedTrainer:
             f"federation.clients_per_round must be between 1 and the number of clients ({task.num_clients}), "
             f"got {per_round}",
         )
-        self.task = task
-        self.module = task.build_module(model, optimizer)
-        self.flat = FlatParameters(self.module.model)
-        self.client_callbacks = list(client_callbacks or [])
-        self.phases = [self._phase(1, aggregator, 1.0)]
-        if later_phase is not None:
-            first_round, later_aggregator, lr_scale = later_phase
-            require(first_round >= 2, f"schedule.switch_round must be >= 1, got {first_round - 1}")
-            self.phases.append(self._phase(first_round, later_aggregator, lr_scale))
+        self.task, self.model, self.flat = task, model, flat  # the global model: evaluated and saved here
+        self.phases = phases
+        self.client_methods = list(client_methods or [])  # their server side: controls, previous models, ...
         self.federation = federation
+        self.executor = executor  # where clients train: this process, or Ray workers
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.first_round = 1
         self.history: list[dict[str, Any]] = []  # every round's metrics row, saved with checkpoints
         self.clock = {"elapsed_s": 0.0, "wall_s": 0.0}  # carried over by resume
         self.recorders = list(recorders or [])
-        self.executor = executor or SequentialExecutor()  # where clients train: this process, or Ray workers
         self.seed = seed
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
         self.bytes_per_param = torch.empty((), dtype=self.flat.get().dtype).element_size()
 
-    def _phase(self, first_round: int, aggregator: Aggregator, lr_scale: float) -> Phase:
-        aggregator.bind(self.flat)
-        local_trainer = LocalTrainer([*aggregator.client_callbacks(), *self.client_callbacks])
-        return Phase(first_round, aggregator, local_trainer, lr_scale)
+    @classmethod
+    def from_components(cls, parts: Components, executor: Executor | None = None, **kwargs) -> FederatedTrainer:
+        """The server loop over a run's parts; without an executor, clients train in this process."""
+        if executor is None:
+            from fipa.executors import SequentialExecutor
+            from fipa.runner import ClientRunner
+
+            executor = SequentialExecutor()
+            executor.bind({}, ClientRunner.from_components(parts))
+        return cls(
+            parts.task,
+            parts.module.model,
+            parts.flat,
+            parts.phases,
+            parts.federation,
+            executor,
+            client_methods=parts.client_methods,
+            seed=parts.seed,
+            **kwargs,
+        )
 
     def phase(self, round_idx: int) -> Phase:
-        return [p for p in self.phases if p.first_round <= round_idx][-1]
+        return phase_of(self.phases, round_idx)
 
     @property
     def aggregator(self) -> Aggregator:
         """The first phase's server rule (the only one unless a schedule switches)."""
         return self.phases[0].aggregator
-
-    @property
-    def local_trainer(self) -> LocalTrainer:
-        return self.phases[0].local_trainer
 
     def sample_clients(self, round_idx: int) -> list[int]:
         per_round = self.federation.clients_per_round or self.task.num_clients
@@ -144,49 +109,21 @@ class FederatedTrainer:
         stays = numpy_rng(self.seed, DROPOUT, round_idx).random(len(clients)) >= self.federation.dropout_prob
         return [c for c, stay in zip(clients, stays) if stay]
 
-    def train_job(
-        self,
-        client_id: int,
-        round_idx: int,
-        global_params: torch.Tensor,
-        round_states: list[Any],
-        client_states: list[Any],
-    ) -> tuple[ClientUpdate, list[Any]]:
-        """The worker side of one client's round, in this process or on a remote worker: train from the
-        broadcast point with the client methods' shipped state; return the update and the new client state."""
-        phase = self.phase(round_idx)
-        self.module.lr_scale = self.federation.lr_decay ** (round_idx - 1) * phase.lr_scale
-        self.module.num_clients = self.task.num_clients
-        for callback, round_state, client_state in zip(self.client_callbacks, round_states, client_states):
-            callback.begin_client(client_id, round_state, client_state)
-        update = train_client(
-            client_id,
-            self.module,
-            self.flat,
-            global_params,
-            self.task.client_dataset(client_id),
-            self.task.client_loader(client_id, torch_generator(self.seed, SHUFFLE, round_idx, client_id)),
-            self.federation.local_epochs * self.federation.local_epochs_scale,
-            phase.local_trainer,
-            round_idx,
-        )
-        return update, [callback.end_client() for callback in self.client_callbacks]
-
     def run_round(self, round_idx: int, global_params: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         sampled = self.sample_clients(round_idx)
         clients = self.drop_out(round_idx, sampled)
         phase = self.phase(round_idx)
         aggregator = phase.aggregator
         aggregator.reset(global_params)
-        for callback in self.client_callbacks:
-            callback.on_round_start(round_idx, self.task.num_clients)
-        round_states = [callback.round_state() for callback in self.client_callbacks]
-        jobs = [(c, [callback.client_state(c) for callback in self.client_callbacks]) for c in clients]
+        for method in self.client_methods:
+            method.on_round_start(round_idx, self.task.num_clients)
+        round_states = [method.round_state() for method in self.client_methods]
+        jobs = [(c, [method.client_state(c) for method in self.client_methods]) for c in clients]
         uploaded: dict[str, int] = {}
         client_metrics: list[dict[str, float]] = []
         failed = 0
         # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
-        for client_id, outcome in self.executor.run(self, round_idx, global_params, round_states, jobs):
+        for client_id, outcome in self.executor.run(round_idx, global_params, round_states, jobs):
             if isinstance(outcome, Exception):  # one faulty client must not end a long run
                 log.warning(
                     "round %d: client %d failed (%s: %s); left out of the round",
@@ -204,8 +141,8 @@ class FederatedTrainer:
                 )
                 failed += 1
                 continue
-            for callback, client_state in zip(self.client_callbacks, client_states):
-                callback.on_client_result(client_id, update, client_state)
+            for method, client_state in zip(self.client_methods, client_states):
+                method.on_client_result(client_id, update, client_state)
             for kind, size in update.payload_bytes().items():
                 uploaded[kind] = uploaded.get(kind, 0) + size
             client_metrics.append(update.metrics)
@@ -241,14 +178,15 @@ class FederatedTrainer:
     # Checkpoints: the global model, the round, the client methods' and aggregators' state (e.g. SCAFFOLD
     # controls), the clocks, the RNG states and the metrics so far: everything `resume` needs.
     def save_checkpoint(self, round_idx: int, global_params: torch.Tensor) -> Path:
-        directory = self.output_dir / "checkpoints"
+        require(self.output_dir is not None, "checkpoints need the run's output directory")
+        directory = Path(str(self.output_dir)) / "checkpoints"
         directory.mkdir(parents=True, exist_ok=True)
         state = {
             "format": CHECKPOINT_FORMAT,
             "round": round_idx,
             "global_params": global_params,
             "parameter_names": self.flat.names,
-            "client_methods": [callback.state_dict() for callback in self.client_callbacks],
+            "client_methods": [method.state_dict() for method in self.client_methods],
             "aggregators": [phase.aggregator.state_dict() for phase in self.phases],
             "clock": dict(self.clock),
             "rng": rng_states(),
@@ -267,9 +205,9 @@ class FederatedTrainer:
             f"checkpoint {path} holds parameters of another model ({len(state['parameter_names'])} tensors)",
         )
         self.flat.set(state["global_params"])
-        for callback, callback_state in zip(self.client_callbacks, state["client_methods"]):
-            if callback_state:
-                callback.load_state_dict(callback_state)
+        for method, method_state in zip(self.client_methods, state["client_methods"]):
+            if method_state:
+                method.load_state_dict(method_state)
         self.first_round = int(state["round"]) + 1
         return state
 
@@ -293,11 +231,10 @@ class FederatedTrainer:
     def fit(self) -> dict[str, Any]:
         fed = self.federation
         global_params = self.flat.get()
-        elapsed = self.clock[
-            "elapsed_s"
-        ]  # accumulated round time: curvature + local training + aggregation (the budget clock)
+        # accumulated round time: curvature + local training + aggregation (the budget clock)
+        elapsed = self.clock["elapsed_s"]
         wall_start = time.perf_counter() - self.clock["wall_s"]
-        last_eval: dict[str, float] = self.task.evaluate(self.module.model)
+        last_eval: dict[str, float] = self.task.evaluate(self.model)
         rounds_done = 0
         status = "running"
         self.executor.start()  # before the progress bar: a worker that cannot start leaves nothing open
@@ -312,13 +249,15 @@ class FederatedTrainer:
                 elapsed += round_s
                 rounds_done = round_idx
                 budget_spent = fed.time_budget_s is not None and elapsed >= fed.time_budget_s
-                if round_idx % fed.eval_every == 0 or round_idx == fed.rounds or budget_spent:
-                    last_eval = self.task.evaluate(self.module.model)
+                evaluated = round_idx % fed.eval_every == 0 or round_idx == fed.rounds or budget_spent
+                if evaluated:
+                    last_eval = self.task.evaluate(self.model)
                 row = {
                     "round": round_idx,
                     "elapsed_s": elapsed,
                     "round_s": round_s,
-                    **last_eval,
+                    # a round that was not evaluated leaves its test metrics empty, never a stale copy
+                    **(last_eval if evaluated else dict.fromkeys(last_eval, float("nan"))),
                     **row,
                     "wall_s": time.perf_counter() - wall_start,
                 }
@@ -380,7 +319,7 @@ def rng_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
             "pos": pos,
             "has_gauss": has_gauss,
             "gauss": gauss,

@@ -15,7 +15,7 @@ class FlatParameters:
     def __init__(self, module: nn.Module):
         self.module = module
         self.names = [name for name, _ in module.named_parameters()]
-        self._params = [p for _, p in module.named_parameters()]
+        self._params: list[Tensor] = [p for _, p in module.named_parameters()]
         self.sizes = [p.numel() for p in self._params]
         self.numel = sum(self.sizes)
 

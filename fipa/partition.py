@@ -60,7 +60,7 @@ def _check_clients(num_clients, n: int) -> int:
 
 def _check_alpha(alpha) -> float:
     require(
-        isinstance(alpha, Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0,
+        isinstance(alpha, Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and float(alpha) > 0,
         f"partition.alpha (Dirichlet concentration) must be a finite number > 0, got {alpha!r}",
     )
     return float(alpha)
@@ -252,10 +252,8 @@ def shards(labels, num_clients: int, classes_per_client: int, rng: np.random.Gen
     else:
         pieces = np.array_split(order, total)
         piece_class = [int(y_index[p[0]]) for p in pieces]  # the dominant class only matters for dealing
-    piece_class = np.asarray(piece_class)
-
     deal = rng.permutation(total).reshape(num_clients, k)
-    _remove_duplicate_classes(deal, piece_class, rng)
+    _remove_duplicate_classes(deal, np.asarray(piece_class), rng)
     return _finish([np.concatenate([pieces[s] for s in row]) for row in deal])
 
 
@@ -379,7 +377,7 @@ def save_histogram(hist: np.ndarray, path_prefix: str | Path) -> tuple[Path, Pat
     ax = fig.add_subplot()
     clients = np.arange(num_clients)
     if num_classes <= 20:
-        colors = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"].colors
+        colors = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"].colors  # type: ignore[attr-defined]
         bottom = np.zeros(num_clients)
         for c in range(num_classes):
             ax.bar(clients, hist[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c), linewidth=0)

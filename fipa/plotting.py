@@ -15,7 +15,7 @@ import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fipa.results import (
     Run,
@@ -151,7 +151,7 @@ def median_curve(runs: Sequence[Run], metric: str, x: str) -> tuple[list[float],
 def switch_positions(runs: Sequence[Run], x: str) -> list[float]:
     """Where to mark schedule.switch_round on an x axis: the round itself, or the median x at the end of that round."""
     positions = []
-    for k in sorted({switch_round(run) for run in runs} - {None}):
+    for k in sorted({k for k in map(switch_round, runs) if k is not None}):
         at_k = [
             row[x]
             for run in runs
@@ -219,10 +219,10 @@ def plot_prediction_panels(runs: Sequence[Run], path: str | Path, metric: str | 
     the |error| map over (x1, x2) with the client boxes drawn; the error colour scale is shared across arms.
     Returns the number of arms drawn; nothing is written when no run has predictions.
     """
-    panels = []
+    panels: list[tuple[str, str, dict[str, Any]]] = []
     for i, arm in enumerate(group_arms(runs)):
         run, data = next(((r, d) for r in arm.runs if (d := load_predictions(r)) is not None), (None, None))
-        if run is not None:
+        if run is not None and data is not None:
             name = metric or headline_metric(run)
             score = f"{name} {final_value(run, name):.2e}" if name else ""
             title = textwrap.fill(arm.label, 38) + f"\nseed {seed_of(run)}  {score}"
@@ -267,7 +267,7 @@ def _draw_map_2d(fig, ax, x, values, boxes, name: str, log_limits) -> None:
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
-    norm = LogNorm(*log_limits, clip=True) if log_limits else None
+    norm = LogNorm(vmin=log_limits[0], vmax=log_limits[1], clip=True) if log_limits else None
     side = math.isqrt(len(x))
     if side * side == len(x) and side > 1:
         extent = (x[:, 0].min(), x[:, 0].max(), x[:, 1].min(), x[:, 1].max())

@@ -150,6 +150,8 @@ def completed_runs(runs: Iterable[Run]) -> tuple[list[Run], list[str]]:
 def seed_of(run: Run) -> int | None:
     seeds = [o.split("=", 1)[1] for o in run.overrides or [] if o.startswith("seed=")]
     seed = seeds[-1] if seeds else run.config.get("seed")
+    if seed is None:
+        return None
     try:
         return int(seed)
     except (TypeError, ValueError):
@@ -229,7 +231,7 @@ def run_settings(runs: Sequence[Run]) -> list[dict[str, str]]:
     `<group>=<class name>` and keys that exist only in some runs with one value dropped (implied by the group).
     """
     if runs and all(run.overrides is not None for run in runs):
-        return [settings_from_overrides(run.overrides) for run in runs]
+        return [settings_from_overrides(run.overrides or []) for run in runs]
     return settings_from_configs([run.config for run in runs])
 
 

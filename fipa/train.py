@@ -11,105 +11,38 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from fipa.config import CONFIG_DIR, compose, compose_option, instantiate
 from fipa.errors import ConfigError, require
+
+__all__ = ["CONFIG_DIR", "build", "completed_summary", "compose", "compose_option", "main", "run", "run_resumable"]
 
 log = logging.getLogger("fipa")
 
-CONFIG_DIR = next(
-    str(path)
-    for path in (Path(__file__).parent / "conf", Path(__file__).resolve().parent.parent / "conf")
-    if path.is_dir()
-)
-DTYPES = ("float32", "float64")
 
+def build(cfg: DictConfig, output_dir: Path):
+    """Instantiate every component of a run; all input errors surface here, before any training.
 
-def validate(cfg: DictConfig) -> None:
-    """Checks that need no instantiation; the components check their own arguments when built."""
-    require(cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    require(isinstance(cfg.seed, int), f"seed must be an integer, got {cfg.seed!r}")
-    lr = cfg.optimizer.get("lr")
-    require(lr is not None and lr > 0, f"optimizer.lr must be > 0, got {lr}")
-    require(cfg.torch_threads is None or cfg.torch_threads >= 1, f"torch_threads must be >= 1, got {cfg.torch_threads}")
-    require(cfg.logger.name in ("csv", "wandb"), f"logger must be csv or wandb, got {cfg.logger.name!r}")
-
-
-def build(cfg: DictConfig, output_dir: Path | None, worker: bool = False):
-    """Instantiate every component; all input errors surface here, before any training.
-
-    `worker=True` builds what a remote client worker needs (executor=ray): task, model and local trainers,
-    without recorders, executor or checkpoint loading (the driver ships weights and client state per job).
+    The composition root: the run's parts (`fipa.components`), the driver's `ClientRunner`, the executor, the
+    recorders and the server loop.
     """
-    import torch
-    from hydra.utils import instantiate
+    from fipa.components import build_components
+    from fipa.federated_trainer import FederatedTrainer
+    from fipa.recorders import MetricsCSV
+    from fipa.runner import ClientRunner
 
-    from fipa.federated_trainer import FederatedTrainer, FederationConfig
-    from fipa.recorders import MetricsCSV, WandbRecorder
-    from fipa.seeding import INIT, torch_generator
-
-    validate(cfg)
-    run_config = OmegaConf.to_container(cfg, resolve=True)  # before _later_phase grafts its node in
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    dtype = getattr(torch, cfg.dtype)
-    federation = FederationConfig(**OmegaConf.to_container(cfg.federation, resolve=True))
-    task = _instantiate(cfg.task, seed=cfg.seed, dtype=dtype)
-    model = _instantiate(
-        cfg.model,
-        in_features=task.input_dim,
-        out_features=task.output_dim,
-        generator=torch_generator(cfg.seed, INIT),
-        dtype=dtype,
-    )
-    aggregator = _instantiate(cfg.aggregator)
-    client_callbacks = [_instantiate(c) for c in cfg.client.callbacks]
-    later_phase = _later_phase(cfg)
-    recorders: list[Any] = [] if worker else [MetricsCSV(output_dir / "metrics.csv")]
-    if cfg.logger.name == "wandb" and not worker:
-        recorders.append(_wandb_recorder(cfg, output_dir, WandbRecorder))
-    executor = None if worker else _instantiate(cfg.executor)
-    if executor is not None:
-        executor.bind(run_config)
-    trainer = FederatedTrainer(
-        task=task,
-        model=model,
-        optimizer=instantiate(cfg.optimizer),
-        aggregator=aggregator,
-        federation=federation,
-        client_callbacks=client_callbacks,
-        recorders=recorders,
-        seed=cfg.seed,
-        later_phase=later_phase,
-        output_dir=output_dir,
-        executor=executor,
-    )
-    if cfg.init_from and not worker:
+    run_config = OmegaConf.to_container(cfg, resolve=True)  # before the schedule grafts its node in
+    parts = build_components(cfg)
+    recorders: list[Any] = [MetricsCSV(output_dir / "metrics.csv")]
+    if cfg.logger.get("_target_"):
+        recorders.append(_recorder(cfg, output_dir))
+    executor = instantiate(cfg.executor)
+    executor.bind(run_config, ClientRunner.from_components(parts))
+    trainer = FederatedTrainer.from_components(parts, executor, recorders=recorders, output_dir=output_dir)
+    if cfg.init_from:
         trainer.load_checkpoint(cfg.init_from)
     return trainer
-
-
-def _later_phase(cfg: DictConfig):
-    """`schedule.switch_round=K schedule.after=<aggregator name>`: rounds after K use that aggregator."""
-    schedule = cfg.schedule
-    if schedule.switch_round is None:
-        return None
-    require(schedule.switch_round >= 1, f"schedule.switch_round must be >= 1, got {schedule.switch_round}")
-    require(schedule.lr_scale_after > 0, f"schedule.lr_scale_after must be > 0, got {schedule.lr_scale_after}")
-    node = compose_option("aggregator", schedule.after)
-    # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
-    with open_dict(cfg):
-        cfg.schedule.after_aggregator = node
-    return schedule.switch_round + 1, _instantiate(cfg.schedule.after_aggregator), float(schedule.lr_scale_after)
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The run config for these command-line overrides, composed as `fipa-train` would (for scripts and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
 
 
 def completed_summary(run_dir: str | Path) -> dict[str, Any] | None:
@@ -134,61 +67,32 @@ def run_resumable(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
     return run(compose(overrides), run_dir)
 
 
-def compose_option(group: str, name: str) -> DictConfig:
-    """The config node of option `name` of `group`, composed by Hydra (defaults lists included)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import MissingConfigException
-
-    def node():
-        try:
-            return compose("train", overrides=[f"{group}={name}"])[group]
-        except MissingConfigException:
-            choices = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-            raise ConfigError(f"unknown {group} {name!r}; choose one of {', '.join(choices)}") from None
-
-    if GlobalHydra.instance().is_initialized():
-        return node()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return node()
-
-
-def _instantiate(node: DictConfig, **kwargs):
-    """hydra.utils.instantiate, with a component's ConfigError passed through unwrapped."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
-
-
-def _wandb_recorder(cfg: DictConfig, output_dir: Path, recorder_cls):
+def _recorder(cfg: DictConfig, output_dir: Path):
+    """The `logger` group's recorder, instantiated from its `_target_` with the run directory, the resolved config
+    and the run's labels (name, group, tags) that trackers show."""
     from hydra.core.hydra_config import HydraConfig
 
-    group, name, choices = cfg.logger.group, None, {}
+    from fipa.recorders import RunLabels
+
+    group, name, choices = None, None, {}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        if group is None and hydra_cfg.mode.name == "MULTIRUN":
-            group = str(Path(hydra_cfg.sweep.dir).name)  # runs of one sweep share a wandb group
+        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+            group = str(Path(hydra_cfg.sweep.dir).name)  # runs of one sweep share a group
         name = hydra_cfg.job.override_dirname or None
         choices = hydra_cfg.runtime.choices
     aggregator = cfg.aggregator._target_.rsplit(".", 1)[-1].lower()
-    tags = [*cfg.logger.tags, f"aggregator:{aggregator}", f"seed:{cfg.seed}"]
-    # the preset and other named choices, for filtering in the wandb UI (e.g. preset:poisson_2d, client:scaffold)
+    tags = [f"aggregator:{aggregator}", f"seed:{cfg.seed}"]
+    # the preset and other named choices, for filtering in a tracker's UI (e.g. preset:poisson_2d, client:scaffold)
     tags += [
         f"{'preset' if group_name == 'experiment' else group_name}:{choice}"
         for group_name, choice in choices.items()
         if group_name in ("experiment", "variant", "client", "sweep") and choice not in (None, "plain")
     ]
+    labels = RunLabels(name=name, group=group, tags=tags)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return recorder_cls(output_dir, config=config, project=cfg.logger.project, group=group, tags=tags, name=name)
+    # partial first: the run config it receives is plain data, which Hydra must not convert or instantiate
+    return instantiate(cfg.logger, _partial_=True)(run_dir=output_dir, run_config=config, labels=labels)
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -198,6 +102,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     output_dir = Path(output_dir or _hydra_output_dir() or ".")
     checkpoint = None
     if cfg.get("resume"):
+        ignored = [o for o in _command_line_overrides() if not o.startswith("resume=")]
+        require(
+            not ignored,
+            f"resume={cfg.resume} continues that run with its saved config.yaml; {' '.join(ignored)} would be "
+            "ignored: drop it, or start a new run from a checkpoint with init_from=<dir>/checkpoints/round_K.pt",
+        )
         cfg, output_dir, checkpoint = _resumed(cfg.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
@@ -208,8 +118,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     summary: dict[str, Any] = {"status": "failed"}
     try:
         summary = trainer.fit()
-        save_model(trainer.module.model, output_dir / "model.pt")
-        trainer.task.save_artifacts(trainer.module.model, output_dir)
+        save_model(trainer.model, output_dir / "model.pt")
+        trainer.task.save_artifacts(trainer.model, output_dir)
     finally:
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
         summary["output_dir"] = str(output_dir)
@@ -232,7 +142,9 @@ def _resumed(run_dir: str) -> tuple[DictConfig, Path, Path]:
         checkpoint is not None,
         f"resume={run_dir}: no checkpoint to resume from (runs save them with federation.checkpoint_every=K)",
     )
-    return OmegaConf.load(saved), directory, checkpoint
+    config = OmegaConf.load(saved)
+    require(isinstance(config, DictConfig), f"resume={run_dir}: {saved} is not a run config")
+    return config, directory, checkpoint  # type: ignore[return-value]
 
 
 def save_model(model, path: Path) -> None:
@@ -248,6 +160,13 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"fipa: {summary['status']} rounds={summary['rounds_completed']} {metric}={summary[metric]:.4e} "
         f"elapsed_s={summary['elapsed_s']:.1f} dir={summary['output_dir']}"
     )
+
+
+def _command_line_overrides() -> list[str]:
+    """The run's overrides of the config (not Hydra's own settings), when launched by Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _hydra_output_dir() -> str | None:

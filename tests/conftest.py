@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # Tiny but real: every test run trains actual Lightning clients on the actual task code.
 TINY = [
+    "aggregator=fedavg",  # the tests choose FIPA where they mean it; bare fipa-train runs it
     "federation.rounds=3",
     "federation.local_epochs=3",
     "task.points_per_client=40",

@@ -26,10 +26,10 @@ def options(group):
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-def test_the_default_run_is_regression_1d_m4_with_fedavg():
+def test_the_default_run_is_fipa_on_regression_1d_m4():
     cfg = compose_config()
     assert cfg.task.edges == [0.0, 0.25, 0.5, 0.75, 1.0] and cfg.task.frequency == 4
-    assert cfg.aggregator._target_ == "fipa.aggregators.FedAvg"
+    assert cfg.aggregator._target_ == "fipa.aggregators.FIPA"  # bare fipa-train runs the headline method
     preset = compose_config("experiment=regression_1d_m4")
     assert preset.task == cfg.task and preset.model == cfg.model and preset.federation == cfg.federation
 
@@ -37,11 +37,14 @@ def test_the_default_run_is_regression_1d_m4_with_fedavg():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option, tmp_path):
     sizes = TASK_SIZES[option] if group == "task" else TINY
-    if option == "fipa_lastlayer":
+    if option in ("fipa_lastlayer", "phase_fipa_lastlayer"):
         sizes = [*sizes, "+preset.last_layer=6.*"]  # the regression MLP's last layer (the default glob is ResNet's fc.*)
     cfg = compose_config(*sizes, f"{group}={option}")
+    if group == "variant" and option.startswith("phase_"):  # the image arms branch at a switch round
+        sizes = [*sizes, "schedule.switch_round=1"]
+        cfg = compose_config(*sizes, f"{group}={option}")
     if group == "logger" and option == "wandb":
-        cfg.logger.name = "csv"  # wandb itself is exercised in test_end_to_end
+        cfg.logger._target_ = None  # wandb itself is exercised in test_end_to_end
     trainer = build(cfg, tmp_path)  # instantiates task, model, optimizer, aggregator, client callbacks
     assert trainer.task.num_clients == {"regression_2d": 9, "image": 10, "pinn": 2}.get(option, 4)
     for callback in cfg.client.callbacks:
@@ -69,8 +72,8 @@ def test_spec_settings_of_the_regression_presets():
     assert list(m8.model.hidden) == [20, 20, 20] and m8.optimizer.lr == 1e-4
     two_d = compose_config("experiment=regression_2d")
     assert list(two_d.model.hidden) == [20, 20, 20, 20] and two_d.task.points_per_client == 1000
-    fipa = compose_config("aggregator=fipa")
-    assert (fipa.aggregator.rank, fipa.aggregator.step_size, fipa.aggregator.rcond) == (20, 0.5, 1e-5)
+    fipa = instantiate(compose_config("aggregator=fipa").aggregator)
+    assert (fipa.curvature.rank, fipa.step_size, fipa.rcond, fipa.solver) == (20, 0.5, 1e-5, "pinv")
     assert compose_config("aggregator=fipa_full").aggregator.rank is None
 
 
@@ -101,8 +104,9 @@ def test_invalid_values_fail_before_training(override, message, tiny_config, tmp
         (["aggregator=fipa", "aggregator.rcond=0"], "aggregator.rcond must be > 0"),
         (["aggregator=fipa", "aggregator.step_size=-1"], "aggregator.step_size must be > 0"),
         (["aggregator=fipa", "aggregator.solver=damped", "aggregator.beta=0"], "aggregator.beta must be > 0"),
-        (["aggregator=fipa", "aggregator.gamma=-2"], "aggregator.gamma must be > 0"),
+        (["aggregator=fipa", "aggregator.solver=damped", "aggregator.gamma=-2"], "aggregator.gamma must be > 0"),
         (["aggregator=fipa", "aggregator.rank=0"], "aggregator.rank must be >= 1"),
+        (["aggregator=fipa", "aggregator.power_iters=0"], "aggregator.power_iters must be >= 1"),
         (["aggregator=fipa", "aggregator.solver=lu"], "aggregator.solver must be one of pinv, damped"),
         (["aggregator=fipa", "aggregator.params=nothing.*"], "matches no parameter"),
         (["aggregator=fipa", "aggregator.curvature_samples=0"], "aggregator.curvature_samples must be >= 1 or null"),
@@ -112,6 +116,43 @@ def test_invalid_aggregator_values_fail_before_training(overrides, message, tiny
     with pytest.raises(ConfigError, match=message):
         run(tiny_config(*overrides), tmp_path)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["aggregator=fipa_diag", "aggregator.rank=5"], "aggregator.rank=5 has no effect with representation=diagonal"),
+        (["aggregator=fipa", "aggregator.representation=diagonal"], "aggregator.rank=20 has no effect with representation=diagonal"),
+        (["aggregator=fipa_diag", "aggregator.oversample=20"], "aggregator.oversample=20 has no effect with representation=diagonal"),
+        (["aggregator=fipa_diag", "aggregator.solver=damped"], "aggregator.solver=damped has no effect with representation=diagonal"),
+        (["aggregator=fipa_diag", "aggregator.beta=0.1"], "aggregator.beta=0.1 has no effect with representation=diagonal"),
+        (["aggregator=fipa", "aggregator.beta=0.1"], "aggregator.beta=0.1 has no effect with solver=pinv"),
+        (["aggregator=fipa_damped", "aggregator.rcond=1e-3"], "aggregator.rcond=0.001 has no effect with solver=damped"),
+        (["aggregator=fipa_full", "aggregator.power_iters=4"], "aggregator.power_iters=4 has no effect with eigensolver=exact"),
+        (["aggregator=fipa", "aggregator.others=freeze"], "aggregator.others=freeze freezes the parameters aggregator.params does not select"),
+        (["schedule.after=fipa"], "schedule.after take effect only with schedule.switch_round"),
+        (["schedule.lr_scale_after=0.5"], "schedule.lr_scale_after take effect only with schedule.switch_round"),
+        (["schedule.switch_round=2"], "schedule.switch_round needs schedule.after"),
+    ],
+)  # fmt: skip
+def test_settings_that_would_be_ignored_fail_before_training(overrides, message, tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        run(tiny_config(*overrides), tmp_path)
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_the_settings_each_mode_uses_are_accepted(tiny_config, tmp_path):
+    for overrides in (["aggregator=fipa", "aggregator.rcond=1e-4", "aggregator.oversample=4"],
+                      ["aggregator=fipa_damped", "aggregator.beta=0.1", "aggregator.gamma=0.9"],
+                      ["aggregator=fipa_diag", "aggregator.rcond=1e-3"],
+                      ["aggregator=fipa", "aggregator.params=6.*", "aggregator.others=freeze"]):  # fmt: skip
+        build(tiny_config(*overrides), tmp_path)
+
+
+def test_cli_resume_with_other_overrides_is_refused(tmp_path):
+    result = fipa_cli(f"resume={tmp_path}", "federation.rounds=500", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "federation.rounds=500 would be ignored" in result.stderr and "init_from" in result.stderr
 
 
 def test_cli_unknown_aggregator_lists_the_choices(tmp_path):

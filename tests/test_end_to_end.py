@@ -17,26 +17,41 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+# FIPA's Gauss-Newton-like server step needs local updates that carry the clients' curvature. On the 4-client
+# defaults with 3 local epochs of lr 1e-3 on 40 points it overshoots (measured over seeds 0-5: the final test
+# MSE above the first round's in 5 of 6). With the 2-client preset sin(2 pi x), the paper's lr 1e-4 and tau 20 on
+# 100 points, 8 rounds (about 1 s) bring the test MSE below 0.86 x the first round's for every one of seeds
+# 0-19 (seed 0: 0.588 -> 0.240, decreasing every round).
+FIPA_SETTINGS = [
+    "experiment=regression_1d_m2",
+    "task.points_per_client=100",
+    "federation.local_epochs=20",
+    "optimizer.lr=1e-4",
+    "federation.rounds=8",
+]
+SETTINGS = {  # aggregator -> (overrides, rounds, the final test MSE must be below this fraction of round 1's)
+    "fipa": (FIPA_SETTINGS, 8, 0.9),
+    "fipa_full": (FIPA_SETTINGS, 8, 0.9),
+}
+DEFAULT_SETTINGS = (["optimizer.lr=1e-3", "federation.rounds=4"], 4, 1.0)
+
+
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
 def test_every_aggregator_runs_and_improves_the_global_model(aggregator, tiny_config, tmp_path):
-    cfg = tiny_config(f"aggregator={aggregator}", "optimizer.lr=1e-3", "federation.rounds=4")
+    overrides, rounds, improvement = SETTINGS.get(aggregator, DEFAULT_SETTINGS)
+    cfg = tiny_config(f"aggregator={aggregator}", *overrides)
     summary = run(cfg, tmp_path)
     rows = read_rows(tmp_path / "metrics.csv")
-    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["round"]) for r in rows] == list(range(1, rounds + 1))
     for column in ("elapsed_s", "test_mse", "bytes_up", "bytes_down", "train_loss", "clients_failed"):
         assert column in rows[0], column
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
     mse = [float(r["test_mse"]) for r in rows]
     assert all(math.isfinite(v) for v in mse)
-    if aggregator in ("fipa", "fipa_full"):
-        # With 40 points per client a Gauss-Newton-like server step can overshoot early on; the accuracy
-        # claim is checked at the paper's data size in test_fipa_beats_fedavg_on_regression_1d_m2.
-        assert len(set(mse)) == len(mse)
-    else:
-        assert mse[-1] < mse[0]  # four rounds of lr 1e-3 Adam must reduce the test error
+    assert mse[-1] < improvement * mse[0], mse  # the global model gets better over the run
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["status"] == "completed" and saved["rounds_completed"] == 4
+    assert saved["status"] == "completed" and saved["rounds_completed"] == rounds
     assert saved["test_mse"] == pytest.approx(mse[-1]) == summary["test_mse"]
     assert saved["config"]["aggregator"]["_target_"].startswith("fipa.aggregators.")
 
@@ -146,3 +161,13 @@ def test_a_sweep_preset_runs_its_arms_as_one_multirun(tmp_path):
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert [s["config"]["aggregator"]["_target_"].rsplit(".", 1)[-1] for s in summaries] == ["FedAvg", "FIPA"]
     assert all(s["rounds_completed"] == 2 and s["config"]["task"]["edges"] == [0.0, 0.5, 1.0] for s in summaries)
+
+
+def test_bare_fipa_train_runs_fipa_on_regression_1d_m4_and_fits_the_sine(tmp_path):
+    """The README's first command: the headline method on the default task, well below FedAvg's ~0.48."""
+    result = fipa_cli(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("fipa: completed rounds=100 test_mse=")
+    assert float(last.split("test_mse=")[1].split()[0]) < 1e-2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["aggregator"]["_target_"].endswith("FIPA")

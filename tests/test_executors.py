@@ -35,6 +35,18 @@ def test_ray_executor_equals_sequential(tmp_path, local_ray):
     assert sum(int(r["clients_dropped"]) for r in rows) >= 1 and float(rows[0]["curvature_rank_mean"]) >= 1
 
 
+def test_ray_executor_equals_sequential_with_augmentation_and_moon(tmp_path, local_ray):
+    """Crops, flips and MOON's previous models come from (seed, round, client) and the shipped client state."""
+    from test_runner import AUGMENTED
+
+    overrides = [*AUGMENTED, "federation.rounds=3"]
+    run(compose_config(*overrides), tmp_path / "sequential")
+    run(compose_config(*overrides, "executor=ray", "executor.num_workers=2"), tmp_path / "ray")
+    rows = metrics_without_timing(tmp_path / "ray" / "metrics.csv")
+    assert rows == metrics_without_timing(tmp_path / "sequential" / "metrics.csv")
+    assert len({r["test_acc"] for r in rows}) > 1
+
+
 def test_ray_executor_rejects_bad_settings(tmp_path):
     from fipa.errors import ConfigError
 

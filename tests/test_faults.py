@@ -1,15 +1,17 @@
 """Faulty clients: one that raises and one that returns NaN are dropped and counted, the run goes on; dropout is
-seeded; a round without any surviving client keeps the previous global model."""
+seeded; a round where some clients drop is FedAvg over exactly the survivors; a round without any surviving client
+keeps the previous global model."""
 
 import csv
 import math
+from typing import ClassVar
 
 import pytest
 import torch
 
 from fipa.client import ClientCallback, LocalTrainer, train_client
 from fipa.seeding import SHUFFLE, torch_generator
-from fipa.train import build
+from fipa.train import build, run
 
 FEDAVG = ["aggregator=fedavg", "optimizer.lr=1e-3"]
 
@@ -32,8 +34,8 @@ class Sabotage(ClientCallback):
 
 def trainer_with(cfg, tmp_path, *callbacks):
     trainer = build(cfg, tmp_path)
-    for phase in trainer.phases:  # the client halves run inside each phase's Lightning trainer
-        phase.local_trainer = LocalTrainer([*phase.local_trainer.callbacks, *callbacks])
+    runner = trainer.executor.runner  # the client halves run inside each phase's Lightning trainer
+    runner.local_trainers = [LocalTrainer([*local.callbacks, *callbacks]) for local in runner.local_trainers]
     return trainer
 
 
@@ -43,7 +45,7 @@ def fedavg_of(trainer, clients: list[int], round_idx: int, start: torch.Tensor) 
     total, weighted = 0, torch.zeros_like(start)
     for c in clients:
         loader = trainer.task.client_loader(c, torch_generator(trainer.seed, SHUFFLE, round_idx, c))
-        update = train_client(c, trainer.module, trainer.flat, start, trainer.task.client_dataset(c), loader,
+        update = train_client(c, trainer.executor.runner.module, trainer.flat, start, trainer.task.client_dataset(c), loader,
                               trainer.federation.local_epochs, local, round_idx)
         total += update.num_samples
         weighted += update.num_samples * update.delta
@@ -87,7 +89,7 @@ def test_a_round_without_survivors_keeps_the_previous_model(tiny_config, tmp_pat
     assert [int(r["clients_failed"]) for r in rows(tmp_path / "metrics.csv")] == [4, 4]
 
 
-def test_dropout_is_seeded_and_dropped_clients_do_not_contribute(tiny_config, tmp_path):
+def test_dropout_is_seeded_and_a_round_where_every_client_drops_keeps_the_model(tiny_config, tmp_path):
     def dropped(seed, out):
         cfg = tiny_config(*FEDAVG, "federation.rounds=12", "federation.dropout_prob=0.5", f"seed={seed}")
         build(cfg, out).fit()
@@ -106,6 +108,83 @@ def test_dropout_is_seeded_and_dropped_clients_do_not_contribute(tiny_config, tm
         assert math.isfinite(float(row["test_mse"]))
 
 
+class LocalFits(ClientCallback):
+    """Records every local fit through the client-method hooks: (round, client, broadcast parameters, local
+    parameters). Hydra builds the instance inside run(cfg), so the records live on the class."""
+
+    fits: ClassVar[list[tuple[int, int, torch.Tensor, torch.Tensor]]] = []
+    names: ClassVar[list[str]] = []
+
+    def on_round_start(self, round_idx, num_clients):
+        self.round = round_idx
+
+    def begin_client(self, client_id, round_state, client_state):
+        self.client = client_id
+
+    def on_train_start(self, trainer, pl_module):
+        LocalFits.names = [name for name, _ in pl_module.model.named_parameters()]
+        self.start = torch.nn.utils.parameters_to_vector(pl_module.model.parameters()).detach().clone()
+
+    def on_train_end(self, trainer, pl_module):
+        local = torch.nn.utils.parameters_to_vector(pl_module.model.parameters()).detach().clone()
+        LocalFits.fits.append((self.round, self.client, self.start, local))
+
+
+RECORD = "client.callbacks=[{_target_:test_faults.LocalFits}]"
+
+
+def recorded_run(cfg, out):
+    LocalFits.fits = []
+    run(cfg, out)
+    state = torch.load(out / "model.pt", weights_only=True)
+    final = torch.cat([state[name].reshape(-1) for name in LocalFits.names])
+    return list(LocalFits.fits), rows(out / "metrics.csv"), final
+
+
+def test_a_partial_dropout_round_is_fedavg_over_exactly_the_surviving_clients(tiny_config, tmp_path):
+    """dropout_prob=0.5: in a round where some but not all clients drop, the new global model is FedAvg over
+    the survivors' updates, with each survivor's update the one it computes in a run without dropout (the dropped
+    clients absent, not merely zero-weighted). The regression clients hold 40 points each: FedAvg is the mean."""
+    for seed in range(20):  # a seed whose first round loses some, not all, of the 4 clients
+        cfg = tiny_config(*FEDAVG, "federation.rounds=4", "federation.dropout_prob=0.5", f"seed={seed}", RECORD)
+        fits, metrics, final = recorded_run(cfg, tmp_path / f"dropout_{seed}")
+        if 0 < int(metrics[0]["clients"]) < 4:
+            break
+    else:
+        pytest.fail("no seed in 0..19 has a partial dropout in round 1")
+    # reference: the same seed without dropout, one round: every client's own update from the same start
+    reference, _, _ = recorded_run(tiny_config(*FEDAVG, "federation.rounds=1", f"seed={seed}", RECORD), tmp_path / "ref")
+    assert sorted(c for _, c, _, _ in reference) == [0, 1, 2, 3]
+    start = reference[0][2]
+    reference_delta = {c: local - begin for _, c, begin, local in reference}
+    assert all(torch.equal(begin, start) for _, _, begin, _ in reference)
+
+    by_round = {r: [(c, begin, local) for r_, c, begin, local in fits if r_ == r] for r in range(1, 5)}
+    survivors = sorted(c for c, _, _ in by_round[1])
+    assert len(survivors) == int(metrics[0]["clients"]) and int(metrics[0]["clients_dropped"]) == 4 - len(survivors)
+    for c, begin, local in by_round[1]:  # the survivors train exactly as without dropout
+        assert torch.equal(begin, start)
+        torch.testing.assert_close(local - begin, reference_delta[c], rtol=0, atol=0)
+    expected = start + sum(reference_delta[c] for c in survivors) / len(survivors)
+    everyone = start + sum(reference_delta.values()) / 4
+    assert (expected - everyone).abs().max() > 1e-6  # the dropped clients would have moved the model
+    # every round: the next broadcast (or the final model) is the survivors' FedAvg; no survivor -> unchanged
+    current = start
+    partial_rounds = 0
+    for r in range(1, 5):
+        trained = by_round[r]
+        assert len(trained) == int(metrics[r - 1]["clients"]), r
+        partial_rounds += 0 < len(trained) < 4
+        for _, begin, _ in trained:  # the broadcast: last round's aggregate, the same for every client
+            torch.testing.assert_close(begin, current, rtol=1e-12, atol=1e-15)
+        if trained:
+            current = trained[0][1] + sum(local - begin for _, begin, local in trained) / len(trained)
+        if r == 1:
+            torch.testing.assert_close(current, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(final, current, rtol=1e-12, atol=1e-15)
+    assert partial_rounds >= 1
+
+
 def test_dropout_probability_must_be_below_one(tiny_config, tmp_path):
     from fipa.errors import ConfigError
 
@@ -117,7 +196,7 @@ def test_a_nan_client_does_not_poison_scaffold_state(tiny_config, tmp_path):
     """A NaN client's control variate must not reach the server control, or every later round would be NaN."""
     trainer = trainer_with(tiny_config(*FEDAVG, "client=scaffold", "federation.rounds=3"), tmp_path, Sabotage({2}, "nan"))
     trainer.fit()
-    (scaffold,) = trainer.client_callbacks
+    (scaffold,) = trainer.client_methods
     assert torch.isfinite(scaffold.server_control).all()
     assert sorted(scaffold.client_controls) == [0, 1, 3]  # the NaN client kept no state
     assert all(torch.isfinite(c).all() for c in scaffold.client_controls.values())

@@ -189,7 +189,11 @@ def test_diagonal_variant_is_the_per_coordinate_fisher_average():
     torch.testing.assert_close(result, diagonal_weighted_average(deltas, diagonals, [4, 4]))
 
 
-@pytest.mark.parametrize("bad", [{"rcond": 0.0}, {"beta": -1.0}, {"gamma": 0.0}, {"step_size": 0.0}, {"rank": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"rcond": 0.0}, {"beta": -1.0, "solver": "damped"}, {"gamma": 0.0, "solver": "damped"}, {"step_size": 0.0},
+     {"rank": 0}],
+)
 def test_bad_fipa_arguments_fail_clearly(bad):
     with pytest.raises(ConfigError, match=f"aggregator.{next(iter(bad))} must be"):
         FIPA(**bad)
@@ -229,13 +233,13 @@ def test_last_layer_fipa_with_frozen_others_keeps_the_other_layers(tiny_config, 
     from fipa.train import build
 
     trainer = build(cfg, tmp_path)
-    before = {n: p.detach().clone() for n, p in trainer.module.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.fit()
-    after = dict(trainer.module.model.named_parameters())
+    after = dict(trainer.model.named_parameters())
     for name, value in before.items():
         moved = not torch.equal(value, after[name].detach())
         assert moved == name.startswith("6."), name
-    assert all(p.requires_grad for p in trainer.module.model.parameters())  # unfrozen after each local fit
+    assert all(p.requires_grad for p in trainer.model.parameters())  # unfrozen after each local fit
 
 
 class NaNClientTask(Sine1D):

@@ -105,11 +105,31 @@ def test_client_methods_combine_with_last_layer_fipa(client, tmp_path):
         assert int(rows[0]["bytes_up"]) > int(rows[0]["bytes_up_update"]) + int(rows[0]["bytes_up_eigenvectors"])
 
 
-def test_full_model_damped_fipa_with_the_randomized_solver(tmp_path):
-    summary = run(compose_config(*DIGITS, "aggregator=fipa_damped", "aggregator.rank=5"), tmp_path)
+def test_full_model_damped_fipa_with_the_randomized_solver(tmp_path, monkeypatch):
+    """eigensolver=randomized: every client's curvature comes from matrix-free products H V (jvp/vjp over sample
+    blocks), never from the explicit Jacobian rows that `auto` builds for a model this small."""
+    from fipa.curvature import callback
+
+    widths = []
+    matrix_free = callback.curvature_matvec
+
+    def counting_matvec(params, groups, V, *args, **kwargs):
+        widths.append(V.shape[1])
+        return matrix_free(params, groups, V, *args, **kwargs)
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("eigensolver=randomized built the explicit Jacobian rows")
+
+    monkeypatch.setattr(callback, "curvature_matvec", counting_matvec)
+    monkeypatch.setattr(callback, "factor_rows", no_rows)
+    cfg = compose_config(*DIGITS, "aggregator=fipa_damped", "aggregator.rank=5", "aggregator.eigensolver=randomized")
+    summary = run(cfg, tmp_path)
     rows = read_rows(tmp_path / "metrics.csv")
     assert summary["status"] == "completed"
+    assert all(int(r["clients_failed"]) == 0 for r in rows)  # a raising factor_rows would show up here
     assert all(1 <= float(r["curvature_rank_mean"]) <= 5 for r in rows)
+    # 3 rounds x 3 clients x (q + 1 = 3) block products of r + s = 5 + 10 columns
+    assert widths == [15] * (3 * 3 * 3)
 
 
 def test_warm_up_checkpoint_then_a_fipa_phase_branches_from_it(tmp_path):
@@ -129,7 +149,7 @@ def test_warm_up_checkpoint_then_a_fipa_phase_branches_from_it(tmp_path):
     moved = {name: not torch.equal(a, b) for name, a, b in zip(fipa_phase.flat.names, saved.split(fipa_phase.flat.sizes), fipa_phase.flat.get().split(fipa_phase.flat.sizes))}
     assert moved == {name: name.startswith("9.") for name in fipa_phase.flat.names}
     # lr x 0.5^(round-1) x 0.1 in the FIPA phase
-    assert fipa_phase.module.lr_scale == pytest.approx(0.5**3 * 0.1)
+    assert fipa_phase.executor.runner.module.lr_scale == pytest.approx(0.5**3 * 0.1)
 
 
 def test_foreign_or_truncated_checkpoints_fail_clearly(tmp_path):

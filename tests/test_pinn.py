@@ -183,10 +183,90 @@ def test_stacked_residual_ggn_matches_a_dense_reference(name, dim, laplacian):
     V = torch.randn(theta.numel(), 3, dtype=DT, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(curvature_matvec(params, groups, V, chunk_size=3), dense @ V, rtol=1e-9, atol=1e-9)
 
-    # The residual rows also match the training loss: loss = mean(r_pde^2) + lambda_bc mean(r_bc^2).
-    r_pde, r_bc = module.residuals(params, data)
-    expected = r_pde.square().mean() + task.lambda_bc * r_bc.square().mean()
-    torch.testing.assert_close(module.pinn_loss(params, data), expected)
+
+# A network written out by hand: u(x) = sum_k a_k tanh(w_k . x + b_k) + c, three hidden units.
+HAND_W = {1: [[1.3], [-0.7], [0.4]], 2: [[1.3, -0.4], [-0.7, 0.9], [0.4, 1.1]]}
+HAND_B, HAND_A, HAND_C = [0.2, -0.5, 0.1], [[0.8, -1.1, 0.6]], [0.3]
+
+# Residuals written by hand: (N[u] from u, the second derivatives u_kk and x; the source f by hand, from the exact
+# solution's formula, never through fipa.pde).
+HAND_PDE = {
+    "poisson": (
+        lambda u, u_kk, x: -u_kk.sum(-1),
+        lambda x: PI**2 * torch.sin(PI * x).sum(-1),
+        lambda x: torch.sin(PI * x).sum(-1),
+    ),
+    "allen_cahn": (
+        lambda u, u_kk, x: -u_kk[:, 0] + u**3 - u,
+        lambda x: (lambda s: PI**2 * s + s**3 - s)(torch.sin(PI * x[:, 0])),
+        lambda x: torch.sin(PI * x[:, 0]),
+    ),
+}
+
+
+def hand_network(dim):
+    net = torch.nn.Sequential(torch.nn.Linear(dim, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(DT)
+    with torch.no_grad():
+        for tensor, value in zip(net.parameters(), (HAND_W[dim], HAND_B, HAND_A, HAND_C)):
+            tensor.copy_(torch.tensor(value, dtype=DT))
+    return net
+
+
+def second_derivatives_by_autograd(net, x):
+    """u (n,) and d^2u/dx_k^2 (n, d), by torch.autograd.grad twice (create_graph, so the result stays
+    differentiable in the network's parameters)."""
+    x = x.clone().requires_grad_(True)
+    u = net(x).squeeze(-1)
+    (g,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    u_kk = torch.stack([torch.autograd.grad(g[:, k].sum(), x, create_graph=True)[0][:, k] for k in range(x.shape[1])], -1)
+    return u, u_kk
+
+
+@pytest.mark.parametrize("laplacian", ["forward", "autograd"])
+@pytest.mark.parametrize("name,dim", [("poisson", 1), ("poisson", 2), ("allen_cahn", 1)])
+def test_residual_rows_and_training_loss_match_residuals_computed_independently(name, dim, laplacian):
+    task = tiny_task(name, dim, points_per_client=7, boundary_points=3, laplacian=laplacian)
+    net = hand_network(dim)
+    module = task.build_module(net, None)
+    data = task.client_dataset(1)
+    operator, source, exact = HAND_PDE[name]
+
+    # Independent residuals: r_pde = N[u](x) - f(x) at the collocation points, r_bc = u(x) - u_exact(x) on the
+    # client's boundary points.
+    u, u_kk = second_derivatives_by_autograd(net, data.x_pde)
+    # (the autograd second derivatives agree with the closed form of this network: u'' = sum_k a_k w_kj^2 t'')
+    t = torch.tanh(data.x_pde @ net[0].weight.T + net[0].bias)
+    closed_form = (net[2].weight * (-2 * t * (1 - t * t))) @ net[0].weight.square()
+    torch.testing.assert_close(u_kk, closed_form, rtol=1e-12, atol=1e-12)
+    r_pde = operator(u, u_kk, data.x_pde) - source(data.x_pde)
+    r_bc = net(data.x_bc).squeeze(-1) - exact(data.x_bc)
+    assert r_pde.abs().min() > 1e-3 and r_bc.abs().min() > 1e-3  # a wrong network, far from the solution
+
+    # The curvature groups: their per-sample outputs minus targets are these residuals, with weights 1 and
+    # lambda_bc (H = J_pde^T J_pde + lambda_bc J_bc^T J_bc), loss mse (S = I).
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    pde_group, bc_group = module.curvature_groups(data)
+    for group, expected, weight in ((pde_group, r_pde, 1.0), (bc_group, r_bc, task.lambda_bc)):
+        assert group.loss == "mse" and group.weight == weight
+        outputs = torch.stack([group.output_fn(params, x).reshape(()) for x in group.inputs])
+        torch.testing.assert_close(outputs - group.targets.reshape(-1), expected.detach(), rtol=1e-10, atol=1e-12)
+    # ... and so the "empirical" factor rows are residual * Jacobian row: their scaled sum is the gradient of
+    # (1/2)(sum r_pde^2 + lambda_bc sum r_bc^2), computed here by autograd through the independent residuals.
+    rows = factor_rows(params, [pde_group, bc_group], estimator="empirical")
+    scale = torch.cat([torch.ones(len(r_pde), dtype=DT), torch.full((len(r_bc),), math.sqrt(task.lambda_bc), dtype=DT)])
+    half_sum = 0.5 * (r_pde.square().sum() + task.lambda_bc * r_bc.square().sum())
+    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(half_sum, list(net.parameters()), retain_graph=True)])
+    torch.testing.assert_close(scale @ rows, gradient, rtol=1e-10, atol=1e-12)
+
+    # The training loss (what the client optimizes) is mean(r_pde^2) + lambda_bc * mean(r_bc^2) of those residuals,
+    # and so is its gradient.
+    loss = module.training_loss(data[:])
+    expected_loss = r_pde.square().mean() + task.lambda_bc * r_bc.square().mean()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(loss, list(net.parameters()))
+    want = torch.autograd.grad(expected_loss, list(net.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -302,7 +382,7 @@ def test_presets_carry_the_spec_settings():
         assert actual == settings, preset
         assert list(cfg.model.hidden) == [32, 32, 32] and cfg.federation.rounds == 100
         assert cfg.optimizer.lr == 1e-4 and cfg.dtype == "float64"
-        assert compose_config(f"experiment={preset}").aggregator._target_ == "fipa.aggregators.FedAvg"
+        assert compose_config(f"experiment={preset}").aggregator._target_ == "fipa.aggregators.FIPA"
 
 
 

@@ -15,11 +15,21 @@ from fipa.federated_trainer import rng_states, set_rng_states
 from fipa.train import run
 
 # FIPA with SCAFFOLD clients: the resumed run needs the model, the client controls and the server control.
-OVERRIDES = [
+SCAFFOLD_FIPA = [
     "experiment=regression_1d_m4", "aggregator=fipa", "client=scaffold", "optimizer.lr=1e-3",
     "task.points_per_client=40", "federation.local_epochs=25", "federation.rounds=12", "federation.checkpoint_every=2",
 ]
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+# Images with crops and flips and MOON clients: the resumed run needs every client's previous model, and its
+# augmentation must not depend on what ran before the checkpoint.
+AUGMENTED_MOON = [
+    "experiment=fmnist_dirichlet", "task.dataset=digits", "model.image_size=8", "task.num_clients=6",
+    "federation.clients_per_round=3", "federation.local_epochs=1", "partition.alpha=0.5", "task.augment=true",
+    "client=moon", "aggregator=fedavg", "torch_threads=1", "federation.rounds=12", "federation.checkpoint_every=2",
+]
+
+
+@pytest.mark.parametrize("OVERRIDES", [SCAFFOLD_FIPA, AUGMENTED_MOON], ids=["scaffold_fipa", "augmented_moon"])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, OVERRIDES):
     reference = run(compose_config(*OVERRIDES), tmp_path / "reference")
 
     killed = tmp_path / "killed"
@@ -43,7 +53,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = torch.load(killed / "model.pt", weights_only=True)
     expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
-    assert reference["test_mse"] == float(metrics_without_timing(killed / "metrics.csv")[-1]["test_mse"])
+    metric = reference["metric"]
+    assert reference[metric] == float(metrics_without_timing(killed / "metrics.csv")[-1][metric])
 
 
 def test_rng_states_round_trip():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fipa.aggregators import functional as AF
 from fipa.aggregators.base import Aggregator
 from fipa.client import ClientCallback, ClientUpdate
 from fipa.client_methods import ProximalTerm
@@ -24,13 +25,13 @@ class FedAvg(Aggregator):
         self._total_samples = 0
 
     def update(self, update: ClientUpdate) -> None:
-        self._weighted_sum.add_(update.delta, alpha=update.num_samples)
+        AF.accumulate_weighted(self._weighted_sum, update.delta, update.num_samples)
         self._total_samples += update.num_samples
 
     def compute(self) -> Tensor:
         if self._total_samples == 0:
             return self._global
-        return self._global + (self.step_size / self._total_samples) * self._weighted_sum
+        return self._global + AF.mean_from_sum(self._weighted_sum, self._total_samples, self.step_size)
 
 
 class FedProx(FedAvg):

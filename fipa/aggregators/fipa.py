@@ -9,6 +9,8 @@ and streams b, so a round never holds a p x p matrix nor more than one copy of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -34,20 +36,53 @@ DIAGNOSTICS = (
 )
 
 
+@dataclass(frozen=True)
+class ModeDefaults:
+    """Settings that apply only in some modes default to None, which means "the mode's default" (these) where they
+    apply; a value given where a setting does not apply is an error, never silently ignored."""
+
+    solver: str = "pinv"
+    eigensolver: str = "auto"
+    rcond: float = 1e-5
+    beta: float = 0.5
+    gamma: float = 0.5
+    oversample: int = 10
+    power_iters: int = 2
+
+
+DEFAULTS = ModeDefaults()
+
+
+def _unused_settings(representation: str, solver: str | None, eigensolver: str | None, given: dict) -> dict[str, str]:
+    """The settings given (not None) that the chosen mode does not use, each with the mode that leaves it unused."""
+    unused: dict[str, str] = {}
+    if representation == "diagonal":
+        for name in ("rank", "solver", "eigensolver", "oversample", "power_iters", "beta", "gamma"):
+            unused[name] = "representation=diagonal"
+    else:
+        if (solver or DEFAULTS.solver) == "pinv":
+            unused.update(beta="solver=pinv", gamma="solver=pinv")
+        else:
+            unused["rcond"] = f"solver={solver}"
+        if eigensolver == "exact":  # subspace iteration's settings; `auto` may choose it, so they stay usable there
+            unused.update(oversample="eigensolver=exact", power_iters="eigensolver=exact")
+    return {name: mode for name, mode in unused.items() if given[name] is not None}
+
+
 class FIPA(Aggregator):
     def __init__(
         self,
         rank: int | None = 20,
         step_size: float = 0.5,
-        solver: str = "pinv",
-        rcond: float = 1e-5,
-        beta: float = 0.5,
-        gamma: float = 0.5,
+        solver: str | None = None,  # pinv (default) | damped
+        rcond: float | None = None,  # pinv and diagonal: eigenvalues below rcond * largest are dropped (1e-5)
+        beta: float | None = None,  # damped: damping (0.5)
+        gamma: float | None = None,  # damped: scale (0.5)
         estimator: str = "ggn",
         curvature_at: str = "start",
-        eigensolver: str = "auto",
-        oversample: int = 10,
-        power_iters: int = 2,
+        eigensolver: str | None = None,  # auto (default) | exact | randomized
+        oversample: int | None = None,  # subspace iteration: s (10)
+        power_iters: int | None = None,  # subspace iteration: q (2)
         sample_block: int = 256,
         curvature_samples: int | None = None,
         params: str | list[str] | None = None,
@@ -55,6 +90,31 @@ class FIPA(Aggregator):
         representation: str = "lowrank",
         seed: int = 0,
     ):
+        require(
+            representation in REPRESENTATIONS,
+            f"aggregator.representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}",
+        )
+        given = {"rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
+                 "oversample": oversample, "power_iters": power_iters}  # fmt: skip
+        unused = _unused_settings(representation, solver, eigensolver, given)
+        require(
+            not unused,
+            "; ".join(f"aggregator.{name}={given[name]} has no effect with {mode}" for name, mode in unused.items())
+            + ": leave it unset (null) or choose the mode that uses it"
+            + (" (aggregator=fipa_diag is the diagonal with its settings)" if representation == "diagonal" else ""),
+        )
+        require(
+            not (others == "freeze" and params is None),
+            "aggregator.others=freeze freezes the parameters aggregator.params does not select, but params=null "
+            "selects all of them; set aggregator.params (e.g. '6.*') or use others=fedavg",
+        )
+        solver = solver or DEFAULTS.solver
+        eigensolver = eigensolver or DEFAULTS.eigensolver
+        rcond = DEFAULTS.rcond if rcond is None else rcond
+        beta = DEFAULTS.beta if beta is None else beta
+        gamma = DEFAULTS.gamma if gamma is None else gamma
+        oversample = DEFAULTS.oversample if oversample is None else oversample
+        power_iters = DEFAULTS.power_iters if power_iters is None else power_iters
         require(rank is None or rank >= 1, f"aggregator.rank must be >= 1 or null (full rank), got {rank}")
         require(step_size > 0, f"aggregator.step_size must be > 0, got {step_size}")
         require(solver in SOLVERS, f"aggregator.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -76,17 +136,15 @@ class FIPA(Aggregator):
             not (eigensolver == "randomized" and rank is None),
             "aggregator.eigensolver=randomized needs a finite aggregator.rank (full rank needs eigensolver=exact)",
         )
-        require(oversample >= 0 and power_iters >= 0, "aggregator.oversample and aggregator.power_iters must be >= 0")
+        require(oversample >= 0, f"aggregator.oversample must be >= 0, got {oversample}")
+        # q = 0 would take Rayleigh-Ritz on the random start block itself, never multiplied by H
+        require(power_iters >= 1, f"aggregator.power_iters must be >= 1, got {power_iters}")
         require(sample_block >= 1, f"aggregator.sample_block must be >= 1, got {sample_block}")
         require(
             curvature_samples is None or curvature_samples >= 1,
             f"aggregator.curvature_samples must be >= 1 or null (all local data), got {curvature_samples}",
         )
         require(others in OTHERS, f"aggregator.others must be one of {', '.join(OTHERS)}, got {others!r}")
-        require(
-            representation in REPRESENTATIONS,
-            f"aggregator.representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}",
-        )
         self.step_size = float(step_size)
         self.solver = solver
         self.rcond, self.beta, self.gamma = float(rcond), float(beta), float(gamma)
@@ -131,7 +189,8 @@ class FIPA(Aggregator):
         self._eigenvectors: list[Tensor] = []
         self._eigenvalues: list[Tensor] = []
         self._counts: list[int] = []
-        self._rhs = torch.zeros(int(self.mask.sum()), dtype=global_params.dtype)  # sum N_m H_m Delta_m
+        # sum N_m H_m Delta_m (low rank), or sum N_m d_m * Delta_m (diagonal)
+        self._rhs = torch.zeros(int(self.mask.sum()), dtype=global_params.dtype)
         self._diag_sum = torch.zeros_like(self._rhs)  # sum N_m d_m (diagonal representation)
         self._in_subspace: list[float] = []
 
@@ -139,11 +198,9 @@ class FIPA(Aggregator):
         n = update.num_samples
         delta = update.delta if self.all_selected else update.delta[self.mask]
         self._total += n
-        self._update_sum.add_(update.delta, alpha=n)
+        AF.accumulate_weighted(self._update_sum, update.delta, n)
         if self.representation == "diagonal":
-            diagonal = update.statistics["curvature_diagonal"]
-            self._rhs.addcmul_(diagonal, delta, value=n)
-            self._diag_sum.add_(diagonal, alpha=n)
+            AF.accumulate_diagonal(self._rhs, self._diag_sum, delta, update.statistics["curvature_diagonal"], n)
             return
         U, lam = update.statistics["eigenvectors"], update.statistics["eigenvalues"]
         self._rhs += AF.factor_rhs(U, lam, n, delta)
@@ -156,12 +213,13 @@ class FIPA(Aggregator):
     def compute(self) -> Tensor:
         if self._total == 0:
             return self._global
-        fedavg_step = self._update_sum / self._total
+        fedavg_step = AF.mean_from_sum(self._update_sum, self._total)
         new = self._global.clone()
-        b = self._rhs / self._total
         if self.representation == "diagonal":
-            direction = self._diagonal_solve(b, fedavg_step)
+            fallback = fedavg_step if self.all_selected else fedavg_step[self.mask]
+            direction = AF.diagonal_solve(self._rhs, self._diag_sum, fallback, self.rcond)
         else:
+            b = self._rhs / self._total
             F = AF.stack_scaled_factors(self._eigenvectors, self._eigenvalues, [n / self._total for n in self._counts])
             if self.solver == "pinv":
                 direction = AF.lowrank_pinv_solve(F, b, self.rcond, overwrite_factor=True)
@@ -173,13 +231,6 @@ class FIPA(Aggregator):
         if self.others == "fedavg":
             new[~self.mask] += fedavg_step[~self.mask]
         return new
-
-    def _diagonal_solve(self, b: Tensor, fedavg_step: Tensor) -> Tensor:
-        """Per-coordinate Fisher-weighted mean; coordinates no client's curvature sees fall back to FedAvg."""
-        diag = self._diag_sum / self._total
-        keep = diag > self.rcond * diag.max()
-        fallback = fedavg_step if self.all_selected else fedavg_step[self.mask]
-        return torch.where(keep, b / torch.where(keep, diag, torch.ones_like(diag)), fallback)
 
     def diagnostics(self) -> dict[str, float]:
         if self.representation == "diagonal":

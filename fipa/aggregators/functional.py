@@ -80,16 +80,22 @@ def _nonnegative(name: str, value: float) -> float:
     return v
 
 
-def _normalized_weights(weights: Sequence[float], n: int, what: str) -> list[float]:
+def _checked_weights(weights: Sequence[float], n: int, what: str) -> list[float]:
     ws = [_nonnegative(f"weights[{i}]", w) for i, w in enumerate(weights)]
     if len(ws) != n:
         raise ValueError(f"got {n} {what} but {len(ws)} weights")
     if n == 0:
         raise ValueError(f"need at least one of the {what}")
-    total = math.fsum(ws)
-    if total <= 0.0:
+    if math.fsum(ws) <= 0.0:
         raise ValueError("weights must not all be zero")
-    return [w / total for w in ws]
+    return ws
+
+
+def _check_shapes(vectors: list[Tensor], what: str) -> None:
+    shape = vectors[0].shape
+    for i, v in enumerate(vectors):
+        if v.shape != shape:
+            raise ValueError(f"{what}[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
 
 
 def _check_factor(eigenvectors: Tensor, eigenvalues: Tensor) -> None:
@@ -124,23 +130,45 @@ def _check_rhs(F: Tensor, b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # FedAvg and the diagonal-Fisher baseline
 # --------------------------------------------------------------------------------------------------
+def accumulate_weighted(total: Tensor, vector: Tensor, weight: float) -> Tensor:
+    """``total += weight * vector`` in place: FedAvg's running sum ``sum_m N_m Delta_m``, one client at a time."""
+    return total.add_(vector, alpha=weight)
+
+
+def mean_from_sum(weighted_sum: Tensor, total_weight: float, scale: float = 1.0) -> Tensor:
+    """``scale * weighted_sum / total_weight``: the (scaled) weighted mean from its running sum."""
+    return (scale / total_weight) * weighted_sum
+
+
 def weighted_average(vectors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """FedAvg: ``sum_m w_m v_m / sum_m w_m``.
 
     ``vectors`` are tensors of one common shape (usually flattened parameter updates); ``weights`` are
     non-negative numbers, not all zero (e.g. the clients' sample counts ``N_m``; they need not sum to 1).
+    Computed as the streaming FedAvg aggregator computes it: a running sum, then one division.
     """
     vectors = list(vectors)
-    ws = _normalized_weights(weights, len(vectors), "vectors")
-    shape = vectors[0].shape
-    for i, v in enumerate(vectors):
-        if v.shape != shape:
-            raise ValueError(f"vectors[{i}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
-    out = torch.zeros_like(vectors[0])
+    ws = _checked_weights(weights, len(vectors), "vectors")
+    _check_shapes(vectors, "vectors")
+    total = torch.zeros_like(vectors[0])
     for v, w in zip(vectors, ws):
-        if w != 0.0:
-            out.add_(v, alpha=w)
-    return out
+        accumulate_weighted(total, v, w)
+    return mean_from_sum(total, math.fsum(ws))
+
+
+def accumulate_diagonal(numerator: Tensor, denominator: Tensor, delta: Tensor, diagonal: Tensor, weight: float) -> None:
+    """The diagonal-Fisher running sums, in place: ``numerator += w d * Delta``, ``denominator += w d``."""
+    numerator.addcmul_(diagonal, delta, value=weight)
+    denominator.add_(diagonal, alpha=weight)
+
+
+def diagonal_solve(numerator: Tensor, denominator: Tensor, fallback: Tensor, rcond: float = 1e-5) -> Tensor:
+    """Per-coordinate ``numerator / denominator``; coordinates whose total curvature is not above ``rcond`` times its
+    maximum take ``fallback`` (the FedAvg step), so an all-zero curvature gives FedAvg."""
+    if denominator.numel() == 0:
+        return fallback
+    keep = denominator > rcond * denominator.max()
+    return torch.where(keep, numerator / torch.where(keep, denominator, torch.ones_like(denominator)), fallback)
 
 
 def diagonal_weighted_average(
@@ -154,14 +182,14 @@ def diagonal_weighted_average(
     ``diagonals[m]`` is client m's (non-negative) curvature diagonal, of the same shape as ``deltas[m]``.
     Coordinates whose total curvature ``sum_m w_m d_m`` is not above ``rcond`` times its maximum over
     all coordinates fall back to the plain weighted average ``sum_m w_m Delta_m / sum_m w_m`` (so an
-    all-zero curvature gives FedAvg).
+    all-zero curvature gives FedAvg). Computed with the running sums the streaming aggregator keeps.
     """
     rcond = _positive("rcond", rcond)
     deltas = list(deltas)
     diagonals = list(diagonals)
     if len(diagonals) != len(deltas):
         raise ValueError(f"got {len(deltas)} deltas but {len(diagonals)} diagonals")
-    ws = _normalized_weights(weights, len(deltas), "deltas")
+    ws = _checked_weights(weights, len(deltas), "deltas")
     shape = deltas[0].shape
     for i, (d, c) in enumerate(zip(deltas, diagonals)):
         if d.shape != shape or c.shape != shape:
@@ -170,22 +198,11 @@ def diagonal_weighted_average(
             )
         if c.numel() and bool((c < 0).any()):
             raise ValueError(f"diagonals[{i}] has negative entries; a curvature diagonal must be >= 0")
-
-    num = torch.zeros_like(deltas[0])
-    den = torch.zeros_like(deltas[0])
-    plain = torch.zeros_like(deltas[0])
+    numerator, denominator, plain = (torch.zeros_like(deltas[0]) for _ in range(3))
     for d, c, w in zip(deltas, diagonals, ws):
-        if w == 0.0:
-            continue
-        wc = c.to(num.dtype) * w
-        num.addcmul_(wc, d)
-        den.add_(wc)
-        plain.add_(d, alpha=w)
-    if den.numel() == 0:
-        return plain
-    keep = den > rcond * den.max()
-    safe_den = torch.where(keep, den, torch.ones_like(den))
-    return torch.where(keep, num / safe_den, plain)
+        accumulate_weighted(plain, d, w)
+        accumulate_diagonal(numerator, denominator, d, c.to(numerator.dtype), w)
+    return diagonal_solve(numerator, denominator, mean_from_sum(plain, math.fsum(ws)), rcond)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,15 +312,9 @@ def aggregate_rhs(
         dtype = torch.promote_types(dtype, U.dtype)
     b = torch.zeros(p, dtype=dtype, device=eigenvectors[0].device)
     for i, (U, lam, w, d) in enumerate(zip(eigenvectors, eigenvalues, weights, deltas)):
-        _check_factor(U, lam)
-        w = _nonnegative(f"weights[{i}]", w)
         if U.shape[0] != p or d.dim() != 1 or d.shape[0] != p:
             raise ValueError(f"client {i}: eigenvectors {tuple(U.shape)} / delta {tuple(d.shape)} do not match p={p}")
-        if U.shape[1] == 0 or w == 0.0:
-            continue
-        U = U.to(dtype)
-        coef = (U.T @ d.to(dtype)) * (lam.to(dtype) * w)
-        b.addmv_(U, coef)
+        b += factor_rhs(U.to(dtype), lam, w, d)
     return b
 
 
@@ -335,8 +346,8 @@ class _ImplicitSubspace:
         p, R = F.shape
         self.p = p
         self.k = k = min(p, R)
-        a = None
-        tau = None
+        a: Tensor | None = None
+        tau: Tensor | None = None
         if overwrite and p > 1 and F.stride() == (1, p):
             # F is column-major: LAPACK can factorise it where it lies (torch.geqrf's copy of the input
             # into its output is a no-op when both are the same tensor). Fall back to a copy otherwise.
@@ -347,7 +358,7 @@ class _ImplicitSubspace:
                     a = None
             except RuntimeError:  # pragma: no cover - depends on the torch version
                 a = None
-        if a is None:
+        if a is None or tau is None:
             a, tau = torch.geqrf(F)
         self.a = a[:, :k]  # the k Householder reflectors (columns k.. of R carry no reflector)
         self.tau = tau

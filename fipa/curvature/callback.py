@@ -10,7 +10,7 @@ import torch
 from lightning import LightningModule, Trainer
 from torch import Tensor
 
-from fipa.client import ClientCallback
+from fipa.client import ClientCallback, client_model
 from fipa.curvature.eigen import LowRankCurvature, randomized_eigenpairs, top_eigenpairs_from_rows
 from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows, subsample_groups
 from fipa.seeding import CURVATURE, torch_generator
@@ -72,7 +72,6 @@ class CurvatureCallback(ClientCallback):
         power_iters: int = 2,
         sample_block: int = 256,
         max_samples: int | None = None,
-        params: list[str] | None = None,
         freeze_others: bool = False,
         seed: int = 0,
     ):
@@ -103,7 +102,9 @@ class CurvatureCallback(ClientCallback):
         self._reset()
         if self.freeze_others:
             selected = set(self._selected_names(pl_module))
-            self._frozen = [p for n, p in pl_module.model.named_parameters() if n not in selected and p.requires_grad]
+            self._frozen = [
+                p for n, p in client_model(pl_module).named_parameters() if n not in selected and p.requires_grad
+            ]
             for p in self._frozen:
                 p.requires_grad_(False)
         if self.at == "start":
@@ -134,7 +135,7 @@ class CurvatureCallback(ClientCallback):
 
     # The measurement ------------------------------------------------------------------------------------
     def _selected_names(self, pl_module) -> list[str]:
-        names = [n for n, _ in pl_module.model.named_parameters()]
+        names = [n for n, _ in client_model(pl_module).named_parameters()]
         return names if self.param_names is None else [n for n in names if n in set(self.param_names)]
 
     def _measure(self, pl_module) -> None:
@@ -143,7 +144,7 @@ class CurvatureCallback(ClientCallback):
         pl_module.eval()  # eval mode, no augmentation: the curvature of the model as broadcast
         try:
             selected = set(self._selected_names(pl_module))
-            params = {n: p.detach() for n, p in pl_module.model.named_parameters() if n in selected}
+            params = {n: p.detach() for n, p in client_model(pl_module).named_parameters() if n in selected}
             self._count += 1
             generator = torch_generator(
                 self.seed,
@@ -194,6 +195,7 @@ class CurvatureCallback(ClientCallback):
             if solver == "exact":
                 return top_eigenpairs_from_rows(rows, rank)
             matvec = lambda V: rows.T @ (rows @ V)
+        assert rank is not None  # full rank always takes the exact route (choose_eigensolver, FIPA's checks)
         return randomized_eigenpairs(matvec, num_params, rank, self.oversample, self.power_iters, generator, dtype)
 
 

@@ -144,7 +144,9 @@ def _factors(z: Tensor, targets: Tensor | None, noise: Tensor | None, loss: str,
         if estimator == "ggn":
             return torch.eye(num_out, dtype=z.dtype, device=z.device).expand(*z.shape, num_out)
         if estimator == "mc":
+            assert noise is not None  # drawn by the caller for the Monte-Carlo estimator
             return noise.to(z.dtype).unsqueeze(-1)
+        assert targets is not None  # the empirical Fisher needs the labels
         return (z - targets.reshape(z.shape).to(z.dtype)).unsqueeze(-1)
     prob = torch.softmax(z, dim=-1)
     if estimator == "ggn":
@@ -154,8 +156,10 @@ def _factors(z: Tensor, targets: Tensor | None, noise: Tensor | None, loss: str,
     if estimator == "mc":
         # Inverse-CDF sampling from one uniform per sample: vmap friendly and independent of chunking.
         cdf = prob.cumsum(dim=-1)
+        assert noise is not None
         labels = (cdf < noise.to(z.dtype).unsqueeze(-1)).sum(dim=-1).clamp(max=num_out - 1)
     else:
+        assert targets is not None
         labels = targets
     return (prob - _one_hot(labels, num_out, z)).unsqueeze(-1)
 
@@ -268,7 +272,7 @@ def _chunk_rows(
 
     def rows_one(x: Tensor, extra: tuple[Tensor | None, Tensor | None]) -> Tensor:
         target, eps = extra
-        z, vjp_fn = vjp(lambda q: f(q, x), params)
+        z, vjp_fn = vjp(lambda q: f(q, x), params)  # type: ignore[misc]
         s = _factors(z, target, eps, group.loss, estimator)  # (C, k)
         (grads,) = vmap(vjp_fn, in_dims=1)(s)
         return _flatten_batched(grads)  # (k, p)
@@ -334,7 +338,7 @@ def curvature_matvec(
             f = _single_output(group.output_fn)
             for inputs, targets, eps in _chunks(group, noise, chunk_size):
                 batched = lambda q, xs=inputs, f=f: vmap(f, in_dims=(None, 0))(q, xs)
-                z, vjp_fn = vjp(batched, params)
+                z, vjp_fn = vjp(batched, params)  # type: ignore[misc]
                 jv = vmap(lambda t, fn=batched: jvp(fn, (params,), (t,))[1])(tangents)  # (k, b, C)
                 s = _factors(z, targets, eps, group.loss, estimator)  # (b, C, kk)
                 w = torch.einsum("bck,jbk->jbc", s, torch.einsum("bck,jbc->jbk", s, jv)) * float(group.weight)

@@ -37,7 +37,8 @@ class SmallCNN(nn.Sequential):
                     if isinstance(layer, (nn.Conv2d, nn.Linear)):
                         fan_in = layer.weight[0].numel()
                         layer.weight.uniform_(-(fan_in**-0.5), fan_in**-0.5, generator=generator)
-                        layer.bias.zero_()
+                        if layer.bias is not None:
+                            layer.bias.zero_()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The penultimate representation (used by MOON's contrastive term)."""

@@ -40,7 +40,7 @@ def value_grad_hessian_diagonal(u: Callable[[Tensor], Tensor], x: Tensor) -> tup
         return value.sum(), value
 
     grad_and_value = grad(summed, has_aux=True)  # y -> (per-point gradients (n, d), values (n,))
-    gradient, hvp, value = vjp(grad_and_value, x, has_aux=True)
+    gradient, hvp, value = vjp(grad_and_value, x, has_aux=True)  # type: ignore[misc]  # (out, vjp_fn, aux)
     n, d = x.shape
     if d == 1:
         (diagonal,) = hvp(torch.ones_like(x))

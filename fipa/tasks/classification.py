@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,14 @@ from fipa.tasks.base import FederatedTask
 
 
 class ClassificationModule(ClientModule):
-    augment = None  # optional batch transform for training (never for curvature or evaluation)
+    # optional batch transform (batch, generator) -> batch for training, never for curvature or evaluation; it draws
+    # from the job's generator, so a client's augmentation depends only on (seed, round, client)
+    augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None
 
     def training_loss(self, batch):
         x, y = batch
         if self.augment is not None:
-            x = self.augment(x)
+            x = self.augment(x, self.generator)
         return F.cross_entropy(self.model(x), y)
 
     def per_sample_logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from fipa import partition as partitioning
 from fipa.datasets import NUM_CLASSES, cifar_augment, load_dataset
 from fipa.errors import require
-from fipa.seeding import AUGMENT, DATA, numpy_rng, torch_generator
+from fipa.seeding import DATA, numpy_rng
 from fipa.tasks.classification import ClassificationModule, ClassificationTask
 
 
@@ -46,12 +46,11 @@ class ImageClassification(ClassificationTask):
         client_data = [(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)]) for idx in parts]
         super().__init__(client_data, (test_images, test_labels), NUM_CLASSES[dataset], batch_size)
         self.augment = augment
-        self.augment_generator = torch_generator(seed, AUGMENT)
 
     def build_module(self, model: nn.Module, optimizer) -> ClassificationModule:
         module = ClassificationModule(model, optimizer)
         if self.augment:  # random crop (pad 4) + horizontal flip, training batches only
-            module.augment = lambda x: cifar_augment(x, self.augment_generator)
+            module.augment = cifar_augment
         return module
 
     def save_artifacts(self, model: nn.Module, output_dir) -> None:

@@ -108,7 +108,7 @@ def sample_boundary(
     return x, torch.cat(faces), strip_owner(x[:, 0], edges)
 
 
-def make_test_points(dim: int, n: int, generator: torch.Generator, dtype) -> Tensor:
+def make_test_points(dim: int, n: int, generator: torch.Generator | None, dtype) -> Tensor:
     """1-D: n equispaced points of [0, 1]; 2-D with n a perfect square: a sqrt(n) x sqrt(n) grid;
     otherwise n uniform random points of [0, 1]^d."""
     if dim == 1:

@@ -233,6 +233,43 @@ def test_damped_solve_rank_deficient_and_zero():
     assert_vec_close(lowrank_damped_solve(torch.zeros(30, 0, dtype=DT), b, 0.5, 0.7), 0.7 * b, 1e-15)
 
 
+@pytest.mark.parametrize("p,ranks", [(30, [3, 5, 4]), (12, [5, 6, 7, 3])])
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_damped_solve_tends_to_gamma_b_as_beta_grows_at_rate_one_over_beta(p, ranks, gamma):
+    """x(beta) = gamma beta (H + beta I)^-1 b = gamma b - gamma H (H + beta I)^-1 b, expanded in 1/beta:
+
+        x = gamma b - gamma H b / beta + gamma H^2 b / beta^2 - ...,   with the remainders
+        ||beta (x - gamma b) + gamma H b||                 = gamma ||H^2 (H + beta I)^-1 b|| <= gamma ||H||^2 ||b|| / beta
+        ||beta^2 (x - gamma b) + beta gamma H b - gamma H^2 b|| <= gamma ||H||^3 ||b|| / beta.
+
+    H b is formed as F (F^T b) and ||H|| as sigma_max(F)^2, never through the solver's QR of F. The first
+    remainder says x -> gamma b with error exactly gamma ||H b|| / beta to first order (the rate 1/beta, not
+    faster); the second pins the next term of the expansion."""
+    Us, lams, ws, _ = make_clients(p, ranks, seed=21)
+    F = stack_scaled_factors(Us, lams, ws)
+    b = torch.randn(p, dtype=DT, generator=torch.Generator().manual_seed(22))
+    Hb = F @ (F.T @ b)
+    H2b = F @ (F.T @ Hb)
+    norm_H = torch.linalg.matrix_norm(F, 2).item() ** 2
+    nb = b.norm().item()
+    eps = torch.finfo(DT).eps
+    errors = []
+    for beta in (1e1, 1e2, 1e3, 1e4, 1e5, 1e6):
+        x = lowrank_damped_solve(F, b, beta, gamma)
+        slack = 50 * eps * nb * beta  # round-off of x - gamma b, magnified by beta
+        error = (x - gamma * b).norm().item()
+        errors.append(error)
+        assert error <= gamma * norm_H * nb / beta + 50 * eps * nb
+        first = (beta * (x - gamma * b) + gamma * Hb).norm().item()
+        assert first <= gamma * norm_H**2 * nb / beta + slack, beta
+        if beta <= 1e4:  # beyond, the round-off (beta^2 eps ||b||) swamps the third-order term
+            second = (beta**2 * (x - gamma * b) + beta * gamma * Hb - gamma * H2b).norm().item()
+            assert second <= gamma * norm_H**3 * nb / beta + slack * beta, beta
+    # each tenfold beta divides the distance to gamma b by ten (to within the O(1/beta) correction)
+    ratios = [a / b_ for a, b_ in zip(errors[1:], errors[2:])]
+    assert all(abs(r - 10) < 0.2 for r in ratios), ratios
+
+
 # --------------------------------------------------------------------------------------------------
 # in-place factorisation and float32
 # --------------------------------------------------------------------------------------------------

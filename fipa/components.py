@@ -1,0 +1,114 @@
+"""What a run is made of, built from its config: the task, the client module, the server rule of each phase and
+the client methods. The driver and every client host (a Ray worker, a Flower ClientApp) build it the same way, so
+they hold the same data, the same initial model and the same client halves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fipa.aggregators.base import Aggregator
+from fipa.client import ClientCallback, ClientModule
+from fipa.config import FederationConfig, compose_option, instantiate
+from fipa.errors import require
+from fipa.parameters import FlatParameters
+from fipa.seeding import INIT, torch_generator
+from fipa.tasks.base import FederatedTask
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class Phase:
+    """A stretch of rounds with one server rule, e.g. a FedAvg warm-up and then a FIPA phase."""
+
+    first_round: int
+    aggregator: Aggregator
+    lr_scale: float = 1.0  # client learning-rate multiplier during the phase (0.1 in the paper's FIPA phase)
+
+
+def phase_of(phases: list[Phase], round_idx: int) -> Phase:
+    return [p for p in phases if p.first_round <= round_idx][-1]
+
+
+@dataclass
+class Components:
+    task: FederatedTask
+    module: ClientModule
+    flat: FlatParameters
+    phases: list[Phase]
+    client_methods: list[ClientCallback]  # the `client` group's callbacks: server and worker halves in one object
+    federation: FederationConfig
+    seed: int
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no instantiation; the components check their own arguments when built."""
+    require(cfg.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    require(isinstance(cfg.seed, int), f"seed must be an integer, got {cfg.seed!r}")
+    lr = cfg.optimizer.get("lr")
+    require(lr is not None and lr > 0, f"optimizer.lr must be > 0, got {lr}")
+    require(cfg.torch_threads is None or cfg.torch_threads >= 1, f"torch_threads must be >= 1, got {cfg.torch_threads}")
+
+
+def build_components(cfg: DictConfig) -> Components:
+    """Instantiate the run's parts; every input error surfaces here, before any training."""
+    validate(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    dtype = getattr(torch, cfg.dtype)
+    federation = FederationConfig(**OmegaConf.to_container(cfg.federation, resolve=True))  # type: ignore[arg-type]
+    task = instantiate(cfg.task, seed=cfg.seed, dtype=dtype)
+    model = instantiate(
+        cfg.model,
+        in_features=task.input_dim,
+        out_features=task.output_dim,
+        generator=torch_generator(cfg.seed, INIT),
+        dtype=dtype,
+    )
+    phases = [Phase(1, instantiate(cfg.aggregator))]
+    later = _later_phase(cfg)
+    if later is not None:
+        phases.append(later)
+    client_methods = [instantiate(c) for c in cfg.client.callbacks]
+    return assemble(task, model, instantiate(cfg.optimizer), phases, federation, client_methods, cfg.seed)
+
+
+def assemble(
+    task: FederatedTask,
+    model: torch.nn.Module,
+    optimizer,
+    phases: list[Phase] | Aggregator,
+    federation: FederationConfig | None = None,
+    client_methods: list[ClientCallback] | None = None,
+    seed: int = 0,
+) -> Components:
+    """A run's parts from Python objects (what `build_components` does from a config): the client module of the
+    task's kind around `model`, with `optimizer` a callable of the parameters, e.g. functools.partial(torch.optim.SGD,
+    lr=0.1); `phases` a list of Phase, or one aggregator for the whole run."""
+    module = task.build_module(model, optimizer)
+    flat = FlatParameters(module.model)
+    phases = [Phase(1, phases)] if isinstance(phases, Aggregator) else list(phases)
+    for phase in phases:
+        phase.aggregator.bind(flat)
+    return Components(task, module, flat, phases, list(client_methods or []), federation or FederationConfig(), seed)
+
+
+def _later_phase(cfg: DictConfig) -> Phase | None:
+    """`schedule.switch_round=K schedule.after=<aggregator name>`: rounds after K use that aggregator."""
+    schedule = cfg.schedule
+    if schedule.switch_round is None:
+        changed = [f"schedule.{key}" for key in ("after", "lr_scale_after") if schedule.get(key) is not None]
+        require(not changed, f"{' and '.join(changed)} take effect only with schedule.switch_round=<round>")
+        return None
+    require(schedule.switch_round >= 1, f"schedule.switch_round must be >= 1, got {schedule.switch_round}")
+    require(schedule.after is not None, "schedule.switch_round needs schedule.after=<aggregator name>")
+    lr_scale = 0.1 if schedule.lr_scale_after is None else schedule.lr_scale_after  # the paper's FIPA-phase cut
+    require(lr_scale > 0, f"schedule.lr_scale_after must be > 0, got {lr_scale}")
+    node = compose_option("aggregator", schedule.after)
+    # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
+    with open_dict(cfg):
+        cfg.schedule.after_aggregator = node
+    return Phase(schedule.switch_round + 1, instantiate(cfg.schedule.after_aggregator), float(lr_scale))
