@@ -57,9 +57,7 @@ class RoundRunner:
         self.round_idx = 0
         self.records: list[dict[str, float]] = []
         self._client_times: list[float] = []
-        phases = getattr(trainer, "phases", None)
-        local_trainers = [phase.local_trainer for phase in phases] if phases else [trainer.local_trainer]
-        for local_trainer in local_trainers:
+        for local_trainer in trainer.executor.runner.local_trainers:
             local_trainer.fit = self._timed(local_trainer.fit)
 
     def _timed(self, fit):
@@ -153,7 +151,9 @@ def synthetic_images(clients: int, images: int, test_images: int, classes: int, 
 
 def cnn_trainer(aggregator: str, args, rounds: int):
     from fipa.aggregators import FIPA, FedAvg
-    from fipa.federated_trainer import FederatedTrainer, FederationConfig
+    from fipa.components import assemble
+    from fipa.config import FederationConfig
+    from fipa.federated_trainer import FederatedTrainer
     from fipa.models import SmallCNN
     from fipa.seeding import INIT, torch_generator
     from fipa.tasks.classification import ClassificationTask
@@ -169,15 +169,9 @@ def cnn_trainer(aggregator: str, args, rounds: int):
                    sample_block=args.sample_block, seed=args.seed)
     else:
         agg = FedAvg()
-    return FederatedTrainer(
-        task=task,
-        model=model,
-        optimizer=functools.partial(torch.optim.SGD, lr=args.lr),
-        aggregator=agg,
-        federation=FederationConfig(rounds=rounds, local_epochs=args.cnn_epochs),
-        seed=args.seed,
-        show_progress=False,
-    )
+    federation = FederationConfig(rounds=rounds, local_epochs=args.cnn_epochs)
+    parts = assemble(task, model, functools.partial(torch.optim.SGD, lr=args.lr), agg, federation, seed=args.seed)
+    return FederatedTrainer.from_components(parts, show_progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------- main

@@ -15,6 +15,11 @@ one process; medians and the ratio framework / hand are reported per tau (issue 
 must end at the same test MSE (same math, same order of operations): the difference is printed and a
 mismatch above ``--tolerance`` is flagged. The last line is ``ratio_tau20=X.XX ratio_tau1000=Y.YY``.
 
+``import lightning`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, which makes every optimizer step probe NVML (a
+failing ``dlopen`` of libnvidia-ml on a machine without a GPU). fipa drops the variable when it is imported
+(``fipa/client.py``), before anything is timed here, so neither loop pays that probe; the script prints the
+variable's value as seen by the timed runs.
+
     python benchmarks/bench_overhead.py                      # tau 20 x 10 rounds, tau 1000 x 2 rounds, 3 repeats
     python benchmarks/bench_overhead.py --profile 20         # plus a cProfile of one framework fit at tau 20
     python benchmarks/bench_overhead.py --rounds 2 1 --taus 3 5 --points 40 --repeats 1 --warmup 0   # seconds
@@ -83,10 +88,10 @@ class HandFedAvg:
 
     def __init__(self, trainer, rounds: int, tau: int):
         task = trainer.task
-        self.model = plain_mlp_like(trainer.module.model)  # copied before the framework's fit touches it
+        self.model = plain_mlp_like(trainer.model)  # copied before the framework's fit touches it
         self.clients = [task.client_dataset(m).tensors for m in range(task.num_clients)]
         self.test_x, self.test_y = task.test_inputs, task.test_targets
-        self.lr = float(trainer.module.optimizer_factory.keywords["lr"])
+        self.lr = float(trainer.executor.runner.module.optimizer_factory.keywords["lr"])
         self.rounds, self.tau = rounds, tau
         self.params = list(self.model.parameters())
         self.sizes = [p.numel() for p in self.params]
@@ -155,10 +160,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--profile", type=int, nargs="?", const=20, default=None, metavar="TAU",
                     help="also cProfile one framework fit at this tau (default 20) and print the top functions")
     ap.add_argument("--profile-top", type=int, default=25)
-    ap.add_argument("--nvml-check", choices=["keep", "off"], default="keep",
-                    help="importing lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which makes every Adam step of "
-                         "BOTH loops try to dlopen libnvidia-ml (~0.1 ms/step without a GPU); 'off' unsets it here "
-                         "to show the ratio against a loop that never imported lightning")
     args = ap.parse_args(argv)
     if len(args.rounds) == 1:
         args.rounds = args.rounds * len(args.taus)
@@ -166,17 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ap.error("--rounds takes one value or one per --taus value")
 
     torch.set_num_threads(1)
-    import lightning  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (lightning/fabric/__init__.py)
-
-    previous_nvml = os.environ.get(NVML_VAR)
-    if args.nvml_check == "off":
-        os.environ.pop(NVML_VAR, None)
+    import lightning
 
     print(f"preset={PRESET} taus={args.taus} rounds={args.rounds} repeats={args.repeats} warmup={args.warmup} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__} lightning={lightning.__version__} "
-          f"{NVML_VAR}={os.environ.get(NVML_VAR)}")
+          f"threads={torch.get_num_threads()} torch={torch.__version__} lightning={lightning.__version__}")
 
     ratios: dict[str, float] = {}
+    nvml_seen: set[str | None] = set()  # the variable's value when each timed run starts
     with tempfile.TemporaryDirectory() as tmp:
         for tau, rounds in zip(args.taus, args.rounds):
             times: dict[str, list[float]] = {"framework": [], "hand": []}
@@ -184,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             for rep in range(args.warmup + args.repeats):
                 framework = build_framework(tau, rounds, args.points, args.seed, Path(tmp) / f"tau{tau}_rep{rep}")
                 hand = HandFedAvg(framework, rounds, tau)
-                runs = {"framework": lambda: framework.fit()[framework.task.metric], "hand": hand.fit}
+                runs = {"framework": lambda framework=framework: framework.fit()[framework.task.metric], "hand": hand.fit}
                 order = ["framework", "hand"] if rep % 2 == 0 else ["hand", "framework"]
                 for name in order:
+                    nvml_seen.add(os.environ.get(NVML_VAR))
                     start = time.perf_counter()
                     mse[name] = runs[name]()
                     seconds = time.perf_counter() - start
@@ -213,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"\ncProfile of one framework fit, tau={args.profile}, rounds={args.rounds[0]}:")
         print(profile_framework(args.profile, args.rounds[0], args.points, args.seed, args.profile_top))
 
-    if previous_nvml is not None:
-        os.environ[NVML_VAR] = previous_nvml
+    seen = ", ".join(sorted("unset" if v is None else repr(v) for v in nvml_seen)) or "none timed"
+    print(f"{NVML_VAR} during the timed runs: {seen}"
+          f"{'' if nvml_seen <= {None} else ' (NOT unset: every optimizer step probes NVML)'}")
     print(" ".join(f"ratio_tau{tau}={ratios[f'ratio_tau{tau}']:.2f}" for tau in args.taus))
     return ratios
 

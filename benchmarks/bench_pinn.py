@@ -75,7 +75,7 @@ def laplacian_speedup(preset: str, repeats: int, extra: list[str]) -> float:
     """Median training-step time with reverse-over-reverse derivatives / with the forward Laplacian."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(compose([f"experiment={preset}", "torch_threads=1", *extra]), Path(tmp))
-    task, model = trainer.task, trainer.module.model
+    task, model = trainer.task, trainer.model
     data = task.client_dataset(0)
     params = dict(model.named_parameters())
     modules = {mode: PINNModule(model, None, task.pde, task.lambda_bc, mode) for mode in ("autograd", "forward")}

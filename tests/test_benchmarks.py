@@ -63,6 +63,13 @@ def test_bench_fipa_round_runs_and_prints_ratios(capsys):
     assert set(printed) <= set(returned)
 
 
+def test_bench_server_solve_runs_and_prints_both_ratios(capsys):
+    argv = ["--p", "300", "--clients", "2", "--rank", "3", "--repeats", "1", "--warmup", "0"]
+    returned, printed = run_benchmark("bench_server_solve.py", argv, capsys)
+    assert_ratios(printed, ["ratio_pinv", "ratio_damped", "ratio_pinv_geqrf", "ratio_damped_geqrf"])
+    assert set(printed) <= set(returned)
+
+
 @pytest.mark.slow  # two fresh Python processes (~25 s)
 def test_bench_scale_memory_part_runs_and_prints_its_ratio(capsys):
     # The Ray part is exercised by tests/test_executors.py; starting Ray again here would only add time.
@@ -71,6 +78,9 @@ def test_bench_scale_memory_part_runs_and_prints_its_ratio(capsys):
     returned, printed = run_benchmark("bench_scale.py", argv, capsys)
     assert_ratios(printed, ["ratio_memory_clients"])
     assert printed["ratio_memory_clients"] == pytest.approx(returned["ratio_memory_clients"], abs=0.005)
+    # every client trained and its SCAFFOLD control variate is held at the end of the run
+    assert returned["memory_state_clients_10"] == 10 and returned["memory_state_clients_40"] == 40
+    assert returned["memory_state_bytes"] > 0
 
 
 @pytest.mark.slow  # loads Fashion-MNIST (Debian's dataset-fashion-mnist; skipped without it)
@@ -81,7 +91,7 @@ def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     argv = ["--skip-regression", "--skip-cnn", "--fmnist", "--fmnist-rounds", "1", "--warmup-rounds", "0",
             "--fmnist-override", "task.train_subset=1000", "task.test_subset=100", "+preset.fipa_curvature_samples=8"]
-    returned, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
+    _, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
     assert_ratios(printed, [f"ratio_fmnist_{n}{s}" for n in ("fipa", "fipa_lastlayer") for s in ("", "_curvature_per_epoch")])
 
 
@@ -91,7 +101,7 @@ def test_bench_pinn_runs_and_prints_ratios(capsys):
     argv = ["--presets", "poisson_1d", "poisson_5d", "--rounds", "1", "--warmup-rounds", "0", "--override", *tiny,
             "preset.fipa_rank=4", "--memory-rounds", "1", "--memory-override", *tiny,
             "--step-presets", "poisson_3d", "--step-repeats", "2"]
-    returned, printed = run_benchmark("bench_pinn.py", argv, capsys)
+    _, printed = run_benchmark("bench_pinn.py", argv, capsys)
     assert_ratios(printed, ["ratio_poisson_1d", "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa",
                             "laplacian_speedup_poisson_3d"])
     assert 0.1 < printed["peak_rss_gib_poisson_5d_fipa"] < 8
