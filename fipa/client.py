@@ -11,15 +11,18 @@ from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 
+from fipa.local_steps import CompiledSteps, EagerSteps, overrides
 from fipa.parameters import FlatParameters
 
 log = logging.getLogger(__name__)
 
 # `import lightning` sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (to keep CUDA uninitialised before forking); then every
 # optimizer step asks NVML for devices and, on a machine without a GPU, fails to load libnvidia-ml each time
-# (~0.14 ms per step, 7-11% of a regression step). Clients train on the CPU, so the check buys nothing here.
+# (~0.14 ms per step, 7-11% of a regression step). fipa's worker processes (Ray, joblib) are spawned, not forked
+# from a CUDA-using parent, so the check buys nothing here.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 # Lightning announces devices, tips and "fit stopped" at INFO on every local fit: thousands of lines per run.
@@ -47,6 +50,11 @@ class ClientUpdate:
         tensors = [self.delta, *self.statistics.values()]
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
+    def to(self, device: torch.device | str) -> ClientUpdate:
+        """The same upload with its tensors on `device` (e.g. off a GPU worker, onto the server's device)."""
+        stats = {kind: value.to(device) for kind, value in self.statistics.items()}
+        return ClientUpdate(self.client_id, self.num_samples, self.delta.to(device), stats, dict(self.metrics))
+
 
 def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -64,6 +72,13 @@ class ClientCallback(L.Callback):
 
     def client_metrics(self) -> dict[str, float]:
         return {}
+
+    @property
+    def needs_epochs(self) -> bool:
+        """Whether local training must run every epoch as a real Lightning epoch for this callback. A full-batch
+        fit otherwise runs its epochs as updates inside one Lightning step (see `LocalTrainer`). By default, a
+        callback that overrides an epoch or batch hook needs them; override when the hook acts only sometimes."""
+        return needs_epochs(self)
 
     # Client methods with state that outlives a round (SCAFFOLD's controls, MOON's previous models) split it
     # into a server side, kept by the FederatedTrainer's process, and a worker side that trains one client
@@ -99,17 +114,26 @@ def client_model(pl_module: L.LightningModule) -> nn.Module:
     return cast(nn.Module, pl_module.model)
 
 
+EPOCH_HOOKS = ("on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start", "on_train_batch_end")
+
+
+def needs_epochs(callback: L.Callback) -> bool:
+    """A callback that acts per epoch or per batch needs real epochs (see ClientCallback.needs_epochs)."""
+    if isinstance(callback, ClientCallback) and type(callback).needs_epochs is not ClientCallback.needs_epochs:
+        return callback.needs_epochs
+    return any(overrides(callback, hook) for hook in EPOCH_HOOKS)
+
+
 class ClientModule(L.LightningModule):
     """Base class of a federated client's local model.
 
     Subclasses implement `training_loss(batch)` and, for curvature-based aggregation, `curvature_groups` (the
-    per-sample output functions whose GGN the client shares). The base `training_step` then steps with
-    Lightning's manual optimization, about 10% less per-step overhead than the automatic closure on small
-    models; Lightning still calls every backward and optimizer-step hook, so client-method callbacks work the
-    same. A subclass may instead write its own `training_step` returning the loss: it then gets automatic
-    optimization. `optimizer` is a
-    callable taking the parameters (a Hydra `_partial_` optimizer); it is rebuilt at every local fit, so the
-    optimizer state starts fresh each round, as the paper does.
+    per-sample output functions whose GGN the client shares). The base `training_step` takes `steps_per_batch`
+    optimizer updates on its batch (tau for a full-batch fit whose epochs run inside one Lightning step, else 1)
+    through `fipa.local_steps`: eagerly, with every per-update callback hook, or compiled (`compile_steps=True`). A
+    subclass may instead write its own `training_step` returning the loss: it then gets Lightning's automatic
+    optimization, one update per batch. `optimizer` is a callable taking the parameters (a Hydra `_partial_`
+    optimizer); it is rebuilt at every local fit, so the optimizer state starts fresh each round, as the paper does.
     """
 
     def __init__(self, model: nn.Module, optimizer):
@@ -127,6 +151,11 @@ class ClientModule(L.LightningModule):
         self.generator: torch.Generator | None = None
         self.last_train_loss: Tensor | float = float("nan")
         self.automatic_optimization = type(self).training_step is not ClientModule.training_step
+        self.steps_per_batch = 1  # set by the LocalTrainer for each fit
+        self.compile_steps = False  # trainer.compile: compiled local updates (fipa.local_steps.CompiledSteps)
+        self._steps: EagerSteps | None = None
+        self._compiled: dict[tuple, CompiledSteps] = {}  # kept across fits: a new round reuses the graphs
+        self._compiled_now: CompiledSteps
 
     # Lightning sets `_current_fx_name` twice per hook call; nn.Module.__setattr__ makes that ~0.1 ms per step
     # on small models, so this attribute (never a tensor or module) bypasses it.
@@ -142,13 +171,24 @@ class ClientModule(L.LightningModule):
     def training_loss(self, batch) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define training_loss(batch) or training_step")
 
+    def on_train_start(self) -> None:
+        self._steps = None  # the optimizer is new at every fit: the steppers start at its first step
+
     def training_step(self, batch, batch_idx):
-        optimizer = cast(L.pytorch.core.optimizer.LightningOptimizer, self.optimizers())  # one optimizer
-        optimizer.zero_grad()
-        loss = self.training_loss(batch)
-        self.manual_backward(loss)
-        optimizer.step()
-        self.last_train_loss = loss.detach()
+        if self._steps is None:
+            self._steps = EagerSteps(self, self.training_loss)
+            if self.compile_steps:
+                optimizer = self._steps.optimizer
+                key = CompiledSteps.key_of(self.model, optimizer)
+                if key not in self._compiled:
+                    self._compiled[key] = CompiledSteps(self, self.training_loss, optimizer)
+                self._compiled_now = self._compiled[key]
+                self._compiled_now.begin_fit(optimizer)  # fresh optimizer state, this round's lr
+        if self.compile_steps:
+            steps = self._compiled_now
+            self.last_train_loss = steps.run(batch, self.steps_per_batch, self._steps.optimizer, self._steps.hooks)
+        else:
+            self.last_train_loss = self._steps.run(batch, self.steps_per_batch)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
@@ -162,18 +202,47 @@ class ClientModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} does not define curvature_groups; FIPA needs it")
 
 
+@dataclass
+class TrainerSettings:
+    """How clients train locally (`trainer.*` in the config, with Lightning's names)."""
+
+    accelerator: str = "cpu"  # cpu | gpu | auto
+    precision: str | None = None  # a Lightning precision, e.g. "bf16-mixed"; None: the model's own dtype
+    compile: bool = False  # compiled local updates (fipa.local_steps.CompiledSteps)
+
+
+class _StayOnDevice(SingleDeviceStrategy):
+    """Lightning's single-device strategy without the move back to the CPU after every fit: a client module lives on
+    its device for the whole run, with the data, so a fit costs no transfers."""
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        self._lightning_module = None  # the base teardown would call module.cpu()
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
+
+
 class LocalTrainer:
     """Runs Lightning's fit loop for one client after another with one reused `Trainer`.
 
     A fresh `Trainer` per local fit costs ~7 ms; reusing one only needs `fit_loop.max_epochs` raised, because
     a second `fit` would otherwise see its epoch budget already spent and train nothing.
+
+    A full-batch, unshuffled loader sees the same batch in every epoch, so when no callback needs real epochs the
+    fit runs one Lightning epoch whose training step takes all tau updates: the same operations in the same order
+    (bit-identical), without an epoch's machinery per update.
     """
 
-    def __init__(self, callbacks: list[L.Callback]):
+    def __init__(self, callbacks: list[L.Callback], settings: TrainerSettings | None = None):
         self.callbacks = list(callbacks)
+        self.settings = settings or TrainerSettings()
+        self.device = resolve_device(self.settings.accelerator)
         self.trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
+            accelerator=self.device.type,
+            strategy=_StayOnDevice(device=self.device),
+            precision=self.settings.precision,  # type: ignore[arg-type]
             max_epochs=0,
             logger=False,
             enable_checkpointing=False,
@@ -183,10 +252,19 @@ class LocalTrainer:
             limit_val_batches=0,
             callbacks=self.callbacks,
         )
+        self.epochs_in_one_step = not any(needs_epochs(c) for c in self.callbacks)
 
     def fit(self, module: ClientModule, loader, epochs: int) -> dict[str, float]:
         trainer = self.trainer
-        trainer.fit_loop.max_epochs = trainer.current_epoch + epochs
+        # only the base training_step takes several updates per batch; a module's own step takes one (automatic)
+        fused = (
+            self.epochs_in_one_step
+            and not module.automatic_optimization
+            and getattr(loader.sampler, "whole_dataset", False)
+        )
+        module.steps_per_batch = epochs if fused else 1
+        module.compile_steps = self.settings.compile
+        trainer.fit_loop.max_epochs = trainer.current_epoch + (1 if fused else epochs)
         trainer.should_stop = False
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -207,6 +285,24 @@ class LocalTrainer:
             if isinstance(callback, ClientCallback):
                 stats.update(callback.client_statistics())
         return stats
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The torch device of `trainer.accelerator`: cpu, gpu/cuda (a clear error without CUDA), or auto."""
+    from fipa.errors import ConfigError
+
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={accelerator} but no CUDA device is visible to this process; use "
+                "trainer.accelerator=cpu or auto (with executor=ray, also set executor.gpus_per_worker)"
+            )
+        return torch.device("cuda")
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"trainer.accelerator must be one of auto, cpu, gpu, got {accelerator!r}")
 
 
 def train_client(

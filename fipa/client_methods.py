@@ -76,7 +76,7 @@ class Scaffold(ClientCallback):
     def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
         if state is None:  # no local step was taken
             return
-        self.client_controls[client_id] = state
+        self.client_controls[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
         delta = update.statistics["control_variate"]
         if self.server_control is None:
             self.server_control = torch.zeros_like(delta)
@@ -93,8 +93,8 @@ class Scaffold(ClientCallback):
         self._params = [p for p in client_model(pl_module).parameters()]
         start = _flat(self._params)
         self._start = start
-        self._server = torch.zeros_like(start) if self._server is None else self._server
-        self._client = torch.zeros_like(start) if self._client is None else self._client
+        self._server = torch.zeros_like(start) if self._server is None else self._server.to(start.device)
+        self._client = torch.zeros_like(start) if self._client is None else self._client.to(start.device)
         correction = self._server - self._client
         self._correction = [
             c.view_as(p) for c, p in zip(correction.split([p.numel() for p in self._params]), self._params)
@@ -154,7 +154,7 @@ class Moon(ClientCallback):
 
         clone = copy.deepcopy(model).eval()
         if flat is not None:
-            torch.nn.utils.vector_to_parameters(flat, clone.parameters())
+            torch.nn.utils.vector_to_parameters(flat.to(next(clone.parameters()).device), clone.parameters())
         return clone.requires_grad_(False)
 
     # server side: the clients' previous local models
@@ -162,7 +162,7 @@ class Moon(ClientCallback):
         return self.previous.get(client_id)
 
     def on_client_result(self, client_id: int, update, state: torch.Tensor) -> None:
-        self.previous[client_id] = state
+        self.previous[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
 
     # worker side
     def begin_client(self, client_id: int, round_state, client_state) -> None:
@@ -190,7 +190,7 @@ class Moon(ClientCallback):
         similarities = torch.stack(
             [torch.cosine_similarity(z, z_global, dim=1), torch.cosine_similarity(z, z_previous, dim=1)], dim=1
         )
-        target = torch.zeros(len(x), dtype=torch.long)
+        target = torch.zeros(len(x), dtype=torch.long, device=x.device)
         loss = self.mu * torch.nn.functional.cross_entropy(similarities / self.temperature, target)
         loss.backward()
 

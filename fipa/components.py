@@ -10,9 +10,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fipa.aggregators.base import Aggregator
-from fipa.client import ClientCallback, ClientModule
+from fipa.client import ClientCallback, ClientModule, TrainerSettings, resolve_device
 from fipa.config import FederationConfig, compose_option, instantiate
 from fipa.errors import require
+from fipa.local_steps import check_compilable
 from fipa.parameters import FlatParameters
 from fipa.seeding import INIT, torch_generator
 from fipa.tasks.base import FederatedTask
@@ -42,6 +43,7 @@ class Components:
     client_methods: list[ClientCallback]  # the `client` group's callbacks: server and worker halves in one object
     federation: FederationConfig
     seed: int
+    trainer: TrainerSettings  # how clients train locally: device, precision, compiled updates
 
 
 def validate(cfg: DictConfig) -> None:
@@ -60,6 +62,7 @@ def build_components(cfg: DictConfig) -> Components:
         torch.set_num_threads(cfg.torch_threads)
     dtype = getattr(torch, cfg.dtype)
     federation = FederationConfig(**OmegaConf.to_container(cfg.federation, resolve=True))  # type: ignore[arg-type]
+    trainer = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
     task = instantiate(cfg.task, seed=cfg.seed, dtype=dtype)
     model = instantiate(
         cfg.model,
@@ -73,7 +76,7 @@ def build_components(cfg: DictConfig) -> Components:
     if later is not None:
         phases.append(later)
     client_methods = [instantiate(c) for c in cfg.client.callbacks]
-    return assemble(task, model, instantiate(cfg.optimizer), phases, federation, client_methods, cfg.seed)
+    return assemble(task, model, instantiate(cfg.optimizer), phases, federation, client_methods, cfg.seed, trainer)
 
 
 def assemble(
@@ -84,16 +87,25 @@ def assemble(
     federation: FederationConfig | None = None,
     client_methods: list[ClientCallback] | None = None,
     seed: int = 0,
+    trainer: TrainerSettings | None = None,
 ) -> Components:
     """A run's parts from Python objects (what `build_components` does from a config): the client module of the
     task's kind around `model`, with `optimizer` a callable of the parameters, e.g. functools.partial(torch.optim.SGD,
-    lr=0.1); `phases` a list of Phase, or one aggregator for the whole run."""
+    lr=0.1); `phases` a list of Phase, or one aggregator for the whole run. The data and the model move to the
+    trainer's device once, for the whole run."""
+    trainer = trainer or TrainerSettings()
+    if trainer.compile:  # the compiled update needs an optimizer with a functional form: say so before training
+        check_compilable(optimizer([torch.nn.Parameter(torch.zeros(1))]))
+    device = resolve_device(trainer.accelerator)
+    task.to(device)
+    model.to(device)
     module = task.build_module(model, optimizer)
     flat = FlatParameters(module.model)
     phases = [Phase(1, phases)] if isinstance(phases, Aggregator) else list(phases)
     for phase in phases:
         phase.aggregator.bind(flat)
-    return Components(task, module, flat, phases, list(client_methods or []), federation or FederationConfig(), seed)
+    federation = federation or FederationConfig()
+    return Components(task, module, flat, phases, list(client_methods or []), federation, seed, trainer)
 
 
 def _later_phase(cfg: DictConfig) -> Phase | None:

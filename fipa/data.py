@@ -19,7 +19,12 @@ class TensorData(Dataset):
         return self.tensors[0].shape[0]
 
     def __getitem__(self, index):
+        if isinstance(index, Tensor):  # indices drawn on the CPU (seeded generators) index data on any device
+            index = index.to(self.tensors[0].device, non_blocking=True)
         return tuple(t[index] for t in self.tensors)
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return TensorData(*(t.to(device) for t in self.tensors))
 
 
 class BatchIndexSampler(Sampler):
@@ -31,8 +36,13 @@ class BatchIndexSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
 
+    @property
+    def whole_dataset(self) -> bool:
+        """Every epoch yields the same single batch, the whole data set in order."""
+        return not self.shuffle and self.batch_size >= self.size
+
     def __iter__(self):
-        if not self.shuffle and self.batch_size >= self.size:
+        if self.whole_dataset:
             yield slice(None)
             return
         order = torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)

@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fipa.errors import ConfigError, require
 
 if TYPE_CHECKING:
-    import torch
-
     from fipa.runner import ClientRunner
 
 log = logging.getLogger("fipa")
@@ -78,7 +78,10 @@ class ClientWorker:
         return True
 
     def train(self, client_id, round_idx, global_params, round_states, client_states):
-        return self.runner.train(client_id, round_idx, global_params, round_states, client_states)
+        update, states = self.runner.train(client_id, round_idx, global_params, round_states, client_states)
+        # results travel as host tensors: the driver may have no GPU, or another one
+        cpu = [state.cpu() if isinstance(state, torch.Tensor) else state for state in states]
+        return update.to("cpu"), cpu
 
 
 class RayExecutor(Executor):
@@ -88,14 +91,33 @@ class RayExecutor(Executor):
     "auto") it joins an existing cluster, whose nodes need fipa installed and the data at the same paths.
     Each worker holds one copy of the task's data (not one per client). The global parameters are put in
     Ray's object store once per round; a worker that dies fails only its client (counted in clients_failed).
+    `gpus_per_worker` (fractional, e.g. 0.25) lets several workers share one GPU, so a round's clients train
+    concurrently on it; with trainer.accelerator=gpu each worker needs a share.
     """
 
-    def __init__(self, num_workers: int = 2, address: str | None = None, cpus_per_worker: float = 1.0):
+    def __init__(
+        self,
+        num_workers: int = 2,
+        address: str | None = None,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float = 0.0,
+    ):
         require(num_workers >= 1, f"executor.num_workers must be >= 1, got {num_workers}")
         require(cpus_per_worker > 0, f"executor.cpus_per_worker must be > 0, got {cpus_per_worker}")
-        self.num_workers, self.address, self.cpus_per_worker = num_workers, address, cpus_per_worker
+        require(gpus_per_worker >= 0, f"executor.gpus_per_worker must be >= 0, got {gpus_per_worker}")
+        self.num_workers, self.address = num_workers, address
+        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.workers: list[Any] = []
         self._started_ray = False
+
+    def bind(self, config: dict[str, Any], runner: ClientRunner) -> None:
+        accelerator = config.get("trainer", {}).get("accelerator", "cpu")
+        require(
+            not (accelerator in ("gpu", "cuda") and self.gpus_per_worker == 0),
+            f"trainer.accelerator={accelerator} with executor=ray needs executor.gpus_per_worker > 0 (e.g. 0.25 for "
+            "four workers per GPU): Ray hides the GPUs from workers that asked for none",
+        )
+        super().bind(config, runner)
 
     def start(self) -> None:
         if self.workers:  # already started (e.g. by a benchmark timing the start-up apart)
@@ -120,14 +142,15 @@ class RayExecutor(Executor):
                 **local,
             )
             self._started_ray = True
-        self._worker_class = ray.remote(num_cpus=self.cpus_per_worker)(ClientWorker)
+        self._worker_class = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(ClientWorker)
         self.workers = [self._worker_class.remote(self.config) for _ in range(self.num_workers)]
         ray.get([worker.ready.remote() for worker in self.workers])  # start-up is not round time
 
     def run(self, round_idx, global_params, round_states, jobs):
         import ray
 
-        params_ref, states_ref = ray.put(global_params), ray.put(round_states)
+        host_states = [state.cpu() if isinstance(state, torch.Tensor) else state for state in round_states]
+        params_ref, states_ref = ray.put(global_params.cpu()), ray.put(host_states)
         idle, running, finished = list(self.workers), {}, {}
         submitted = yielded = 0
         while yielded < len(jobs):

@@ -64,7 +64,7 @@ class FederatedTrainer:
         self.recorders = list(recorders or [])
         self.seed = seed
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
-        self.bytes_per_param = torch.empty((), dtype=self.flat.get().dtype).element_size()
+        self.bytes_per_param = self.flat.get().dtype.itemsize
 
     @classmethod
     def from_components(cls, parts: Components, executor: Executor | None = None, **kwargs) -> FederatedTrainer:
@@ -135,6 +135,8 @@ class FederatedTrainer:
                 failed += 1
                 continue
             update, client_states = outcome
+            if update.delta.device != global_params.device:  # from a worker on another device
+                update = update.to(global_params.device)
             if not update.is_finite():
                 log.warning(
                     "round %d: client %d returned non-finite values; left out of the round", round_idx, client_id

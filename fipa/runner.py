@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fipa.client import ClientCallback, ClientModule, ClientUpdate, LocalTrainer, train_client
+from fipa.client import ClientCallback, ClientModule, ClientUpdate, LocalTrainer, TrainerSettings, train_client
 from fipa.components import Components, Phase, build_components, phase_of
 from fipa.parameters import FlatParameters
 from fipa.seeding import AUGMENT, SHUFFLE, torch_generator
@@ -35,6 +35,7 @@ class ClientRunner:
         epochs_per_round: int,
         lr_decay: float = 1.0,
         seed: int = 0,
+        trainer: TrainerSettings | None = None,
     ):
         self.task, self.module, self.flat = task, module, flat
         self.phases = phases
@@ -44,7 +45,7 @@ class ClientRunner:
         self.seed = seed
         # One reused Lightning Trainer per phase: its callbacks are the phase's client half plus the client methods.
         self.local_trainers = [
-            LocalTrainer([*phase.aggregator.client_callbacks(), *self.client_methods]) for phase in phases
+            LocalTrainer([*phase.aggregator.client_callbacks(), *self.client_methods], trainer) for phase in phases
         ]
 
     @classmethod
@@ -58,6 +59,7 @@ class ClientRunner:
             parts.federation.epochs_per_round,
             parts.federation.lr_decay,
             parts.seed,
+            parts.trainer,
         )
 
     @classmethod

@@ -183,6 +183,7 @@ class FIPA(Aggregator):
 
     # Streaming round --------------------------------------------------------------------------------------
     def reset(self, global_params: Tensor) -> None:
+        self.mask = self.mask.to(global_params.device)  # the server's device (a no-op after the first round)
         self._global = global_params
         self._total = 0
         self._update_sum = torch.zeros_like(global_params)  # sum N_m Delta_m: FedAvg for unselected parameters
@@ -190,7 +191,7 @@ class FIPA(Aggregator):
         self._eigenvalues: list[Tensor] = []
         self._counts: list[int] = []
         # sum N_m H_m Delta_m (low rank), or sum N_m d_m * Delta_m (diagonal)
-        self._rhs = torch.zeros(int(self.mask.sum()), dtype=global_params.dtype)
+        self._rhs = torch.zeros(int(self.mask.sum()), dtype=global_params.dtype, device=global_params.device)
         self._diag_sum = torch.zeros_like(self._rhs)  # sum N_m d_m (diagonal representation)
         self._in_subspace: list[float] = []
 

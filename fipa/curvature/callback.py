@@ -24,12 +24,28 @@ ROWS_MAX_BYTES = 2 * 2**30
 EXACT_MAX_DIM = 5_000  # a dense eigh of this size already takes seconds
 
 
-def choose_eigensolver(num_rows: int, num_params: int, rank: int | None, oversample: int, element_size: int = 8) -> str:
+def rows_budget(device: torch.device) -> int:
+    """Bytes the explicit Jacobian rows may take on `device`: ROWS_MAX_BYTES of host memory on the CPU; on a GPU a
+    quarter of its free memory (the rows share it with their products and the model's activations)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return ROWS_MAX_BYTES
+
+
+def choose_eigensolver(
+    num_rows: int,
+    num_params: int,
+    rank: int | None,
+    oversample: int,
+    element_size: int = 8,
+    max_bytes: int = ROWS_MAX_BYTES,
+) -> str:
     """`exact` for full rank or small problems, `rows` (subspace iteration on explicit rows) when r + s is far
-    below the rows' dimensions, `randomized` (matrix-free) when the rows would not fit in memory."""
+    below the rows' dimensions, `randomized` (matrix-free) when the rows would not fit in `max_bytes`."""
     if rank is None:
         return "exact"
-    if num_rows * num_params * element_size > ROWS_MAX_BYTES:
+    if num_rows * num_params * element_size > max_bytes:
         return "randomized"
     # A dense eigh costs O(min(m, p)^3); subspace iteration on B costs O(m p (r + s)) per pass.
     small_target = 4 * (rank + oversample) < min(num_rows, num_params)
@@ -96,6 +112,10 @@ class CurvatureCallback(ClientCallback):
         self._count = 0
         self._seconds = 0.0
         self._frozen: list[torch.nn.Parameter] = []
+
+    @property
+    def needs_epochs(self) -> bool:
+        return self.at == "epoch_end"  # at the broadcast point, nothing happens per epoch
 
     # Lightning hooks ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -186,8 +206,10 @@ class CurvatureCallback(ClientCallback):
         dtype = next(iter(params.values())).dtype
         solver = self.eigensolver
         if solver == "auto":
-            element_size = torch.empty((), dtype=dtype).element_size()
-            solver = choose_eigensolver(num_rows, num_params, rank, self.oversample, element_size)
+            device = next(iter(params.values())).device
+            solver = choose_eigensolver(
+                num_rows, num_params, rank, self.oversample, dtype.itemsize, rows_budget(device)
+            )
         if solver == "randomized":
             matvec = lambda V: curvature_matvec(params, groups, V, self.estimator, generator, self.sample_block)
         else:
@@ -196,7 +218,10 @@ class CurvatureCallback(ClientCallback):
                 return top_eigenpairs_from_rows(rows, rank)
             matvec = lambda V: rows.T @ (rows @ V)
         assert rank is not None  # full rank always takes the exact route (choose_eigensolver, FIPA's checks)
-        return randomized_eigenpairs(matvec, num_params, rank, self.oversample, self.power_iters, generator, dtype)
+        device = next(iter(params.values())).device
+        return randomized_eigenpairs(
+            matvec, num_params, rank, self.oversample, self.power_iters, generator, dtype, device=device
+        )
 
 
 def _num_outputs(group, params) -> int:

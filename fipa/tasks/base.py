@@ -42,5 +42,14 @@ class FederatedTask(ABC):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Test metrics of the global model (must include `self.metric`)."""
 
+    def to(self, device: torch.device | str) -> FederatedTask:
+        """Move the clients' data and the test data to `device` once, for the whole run (in place). Datasets move
+        with their own `to`; every tensor attribute of the task moves too."""
+        self.datasets = [dataset.to(device) for dataset in self.datasets]  # type: ignore[attr-defined]
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def save_artifacts(self, model: nn.Module, output_dir) -> None:
         """Figures or files worth keeping with a finished run (e.g. solution plots); nothing by default."""

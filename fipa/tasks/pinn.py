@@ -143,6 +143,9 @@ class PINNData(Dataset):
             raise IndexError("PINNData serves the full batch only (index slice(None))")
         return self.tensors
 
+    def to(self, device: torch.device | str) -> PINNData:
+        return PINNData(*(t.to(device) for t in self.tensors))
+
 
 # ---------------------------------------------------------------------------------------------- client
 class PINNModule(ClientModule):
