@@ -255,6 +255,32 @@ _CIFAR = {
 }
 
 
+def write_synthetic_cifar(
+    root: str | Path, name: str = "cifar10", per_file: int = 3, seed: int = 0
+) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Random CIFAR-shaped images and labels in torchvision's extracted-archive layout under `root`, for checks of
+    the hardware and the pipeline where the real files are absent (scripts/gpu_check.py, tests); never for results.
+    Returns each file's (uint8 N x 3072 rows, labels)."""
+    _, folder, train_files, test_files, key, _ = _CIFAR[name]
+    num_classes = NUM_CLASSES[name]
+    rng = np.random.default_rng(seed)
+    directory = Path(root) / folder
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for f in [*train_files, *test_files]:
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, per_file).tolist()
+        entry = {"batch_label": f, key: labels, "data": data, "filenames": [f"{i}.png" for i in range(per_file)]}
+        if name == "cifar100":
+            entry["coarse_labels"] = [v // 5 for v in labels]
+        with open(directory / f, "wb") as handle:
+            pickle.dump(entry, handle)
+        written[f] = (data, labels)
+    with open(directory / ("batches.meta" if name == "cifar10" else "meta"), "wb") as handle:
+        pickle.dump({"label_names": [f"c{i}" for i in range(num_classes)]}, handle)
+    return written
+
+
 def _read_cifar_dir(directory: Path, files: list[str], key: str) -> tuple[np.ndarray, np.ndarray] | None:
     if not all((directory / f).is_file() for f in files):
         return None

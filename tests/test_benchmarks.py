@@ -42,9 +42,11 @@ def assert_ratios(printed: dict[str, float], expected: list[str]) -> None:
 
 
 def test_bench_overhead_runs_and_prints_ratios(capsys):
-    argv = ["--taus", "3", "5", "--rounds", "2", "1", "--points", "20", "--repeats", "1", "--warmup", "0"]
+    argv = ["--taus", "3", "5", "--rounds", "2", "--points", "20", "--repeats", "1", "--warmup", "0"]
     returned, printed = run_benchmark("bench_overhead.py", argv, capsys)
-    assert_ratios(printed, ["ratio_tau3", "ratio_tau5"])
+    assert_ratios(printed, [f"{kind}_tau{tau}" for kind in ("ratio", "ratio_compiled", "ratio_compiled_vs_hand_compiled")
+                            for tau in (3, 5)])  # fmt: skip
+    assert returned["mse_rel_diff_compiled_tau5"] <= 1e-9  # the compiled arms train the same model
     assert set(printed) <= set(returned)
 
 
@@ -98,10 +100,11 @@ def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
 @pytest.mark.slow  # a fresh subprocess for the memory part (~25 s)
 def test_bench_pinn_runs_and_prints_ratios(capsys):
     tiny = ["task.points_per_client=16", "task.boundary_points=4", "federation.local_epochs=2", "task.test_points=32"]
-    argv = ["--presets", "poisson_1d", "poisson_5d", "--rounds", "1", "--warmup-rounds", "0", "--override", *tiny,
+    argv = ["--loop-presets", "poisson_1d", "--presets", "poisson_1d", "poisson_5d", "--rounds", "1",
+            "--warmup-rounds", "1", "--override", *tiny,
             "preset.fipa_rank=4", "--memory-rounds", "1", "--memory-override", *tiny,
             "--step-presets", "poisson_3d", "--step-repeats", "2"]
     _, printed = run_benchmark("bench_pinn.py", argv, capsys)
-    assert_ratios(printed, ["ratio_poisson_1d", "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa",
-                            "laplacian_speedup_poisson_3d"])
+    assert_ratios(printed, ["loop_ratio_poisson_1d", "loop_ratio_compiled_poisson_1d", "ratio_poisson_1d",
+                            "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa", "laplacian_speedup_poisson_3d"])
     assert 0.1 < printed["peak_rss_gib_poisson_5d_fipa"] < 8

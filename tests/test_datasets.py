@@ -69,25 +69,9 @@ def test_unknown_name_lists_the_choices():
 
 def write_cifar(root: Path, name: str, per_file: int = 3, seed: int = 0) -> dict[str, tuple[np.ndarray, list[int]]]:
     """Tiny files in torchvision's extracted-archive layout (pickled dicts of N x 3072 uint8 rows)."""
-    rng = np.random.default_rng(seed)
-    if name == "cifar10":
-        folder, files, key, meta = "cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"], "labels", "batches.meta"
-    else:
-        folder, files, key, meta = "cifar-100-python", ["train", "test"], "fine_labels", "meta"
-    (root / folder).mkdir(parents=True)
-    written = {}
-    for f in files:
-        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10 if name == "cifar10" else 100, per_file).tolist()
-        entry = {"batch_label": f, key: labels, "data": data, "filenames": [f"{i}.png" for i in range(per_file)]}
-        if name == "cifar100":
-            entry["coarse_labels"] = [v // 5 for v in labels]
-        with open(root / folder / f, "wb") as handle:
-            pickle.dump(entry, handle)
-        written[f] = (data, labels)
-    with open(root / folder / meta, "wb") as handle:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle)
-    return written
+    from fipa.datasets import write_synthetic_cifar
+
+    return write_synthetic_cifar(root, name, per_file, seed)
 
 
 def test_cifar10_reads_torchvision_layout(tmp_path):
