@@ -18,6 +18,7 @@ then the module), so client methods such as FedProx's proximal term or SCAFFOLD'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,26 +37,29 @@ def overrides(obj: Any, hook: str) -> bool:
 
 
 class StepHooks:
-    """The per-update hooks that some callback (or the module) overrides, bound to their objects, in Lightning's
-    order: callbacks, then the LightningModule."""
+    """The per-update hooks that some callback (or the module) overrides, in Lightning's order: callbacks, then the
+    LightningModule. Bound once per fit, so an update calls exactly the hooks that do something."""
 
     def __init__(self, trainer: L.Trainer, module: L.LightningModule):
-        self.trainer, self.module = trainer, module
+        def bound(target: Any, hook: str) -> Callable[..., None]:  # callbacks also get (trainer, module)
+            method = getattr(target, hook)
+            return method if target is module else functools.partial(method, trainer, module)
+
         targets = [*trainer.callbacks, module]  # type: ignore[attr-defined]
-        self.bound = {hook: [getattr(t, hook) for t in targets if overrides(t, hook)] for hook in STEP_HOOKS}
-        self.any = any(self.bound.values())
+        self.hooks = {hook: [bound(t, hook) for t in targets if overrides(t, hook)] for hook in STEP_HOOKS}
+        self.any = any(self.hooks.values())
 
     def before_backward(self, loss: Tensor) -> None:
-        for hook in self.bound["on_before_backward"]:
-            hook(self.trainer, self.module, loss) if hook.__self__ is not self.module else hook(loss)
+        for hook in self.hooks["on_before_backward"]:
+            hook(loss)
 
     def after_backward(self) -> None:
-        for hook in self.bound["on_after_backward"]:
-            hook(self.trainer, self.module) if hook.__self__ is not self.module else hook()
+        for hook in self.hooks["on_after_backward"]:
+            hook()
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for hook in self.bound["on_before_optimizer_step"]:
-            hook(self.trainer, self.module, optimizer) if hook.__self__ is not self.module else hook(optimizer)
+        for hook in self.hooks["on_before_optimizer_step"]:
+            hook(optimizer)
 
 
 class EagerSteps:
