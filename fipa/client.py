@@ -171,6 +171,11 @@ class ClientModule(L.LightningModule):
     def training_loss(self, batch) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define training_loss(batch) or training_step")
 
+    def data_loss(self, data: Any) -> Tensor:
+        """The training objective on the client's whole local data set, without any training-time randomness
+        (what the server may ask about the broadcast point). Full-batch tasks: `training_loss` of the full batch."""
+        return self.training_loss(data[slice(None)])
+
     def on_train_start(self) -> None:
         self._steps = None  # the optimizer is new at every fit: the steppers start at its first step
 

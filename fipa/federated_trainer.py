@@ -114,6 +114,7 @@ class FederatedTrainer:
         clients = self.drop_out(round_idx, sampled)
         phase = self.phase(round_idx)
         aggregator = phase.aggregator
+        aggregator.begin_round(round_idx)
         aggregator.reset(global_params)
         for method in self.client_methods:
             method.on_round_start(round_idx, self.task.num_clients)

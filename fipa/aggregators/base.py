@@ -28,6 +28,9 @@ class Aggregator(ABC):
     def bind(self, flat: FlatParameters) -> None:
         """Learn the parameter layout once, before the first round (needed for per-parameter rules)."""
 
+    def begin_round(self, round_idx: int) -> None:
+        """The round about to start (1-based), before `reset`; rules that depend on it (e.g. a schedule) keep it."""
+
     @abstractmethod
     def reset(self, global_params: Tensor) -> None:
         """Start a round at the broadcast point."""

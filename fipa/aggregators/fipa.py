@@ -23,7 +23,8 @@ from fipa.curvature.ggn import ESTIMATORS
 from fipa.errors import require
 from fipa.parameters import FlatParameters
 
-SOLVERS = ("pinv", "damped")
+SOLVERS = ("pinv", "damped", "anchored")
+DAMPING_RANGE = (1e-6, 1e4)  # bounds of the adaptive relative damping nu (mu = nu x the largest eigenvalue of H)
 OTHERS = ("fedavg", "freeze")
 REPRESENTATIONS = ("lowrank", "diagonal")
 DIAGNOSTICS = (
@@ -48,22 +49,34 @@ class ModeDefaults:
     gamma: float = 0.5
     oversample: int = 10
     power_iters: int = 2
+    complement_step: float = 0.0
+    damping: float = 1e-3  # anchored: mu relative to the largest eigenvalue of H
+    damping_factor: float = 3.0  # anchored, adaptive: nu x f after a round whose step raised the clients' loss, / f after one that lowered it
 
 
 DEFAULTS = ModeDefaults()
 
 
+LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor")
+
+
 def _unused_settings(representation: str, solver: str | None, eigensolver: str | None, given: dict) -> dict[str, str]:
     """The settings given (not None) that the chosen mode does not use, each with the mode that leaves it unused."""
     unused: dict[str, str] = {}
+    solver = solver or DEFAULTS.solver
     if representation == "diagonal":
-        for name in ("rank", "solver", "eigensolver", "oversample", "power_iters", "beta", "gamma"):
+        for name in ("rank", "solver", "eigensolver", "oversample", "power_iters", "beta", "gamma",
+                     "complement_step", "adaptive_cutoff", *LM_SETTINGS):  # fmt: skip
             unused[name] = "representation=diagonal"
     else:
-        if (solver or DEFAULTS.solver) == "pinv":
+        if solver == "pinv":
             unused.update(beta="solver=pinv", gamma="solver=pinv")
         else:
             unused["rcond"] = f"solver={solver}"
+        if solver == "anchored":  # the anchor already keeps every part of the FedAvg step the solve does not see
+            unused.update(beta="solver=anchored", gamma="solver=anchored", complement_step="solver=anchored")
+        else:
+            unused.update(dict.fromkeys(LM_SETTINGS, f"solver={solver}"))
         if eigensolver == "exact":  # subspace iteration's settings; `auto` may choose it, so they stay usable there
             unused.update(oversample="eigensolver=exact", power_iters="eigensolver=exact")
     return {name: mode for name, mode in unused.items() if given[name] is not None}
@@ -89,12 +102,19 @@ class FIPA(Aggregator):
         others: str = "fedavg",
         representation: str = "lowrank",
         seed: int = 0,
+        complement_step: float | None = None,  # pinv/damped: step along the FedAvg update outside the solve's span (0)
+        damping: float | None = None,  # anchored: mu relative to the largest eigenvalue of H (1e-3)
+        adaptive_damping: bool | None = None,  # anchored: Levenberg-Marquardt rule on the clients' losses (off)
+        damping_factor: float | None = None,  # anchored, adaptive: the rule's factor (3)
+        adaptive_cutoff: float | None = None,  # the authors' per-client relative eigenvalue cut-off constant C (off)
     ):
         require(
             representation in REPRESENTATIONS,
             f"aggregator.representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}",
         )
-        given = {"rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
+        given = {"complement_step": complement_step, "damping": damping, "damping_factor": damping_factor,
+                 "adaptive_damping": adaptive_damping or None, "adaptive_cutoff": adaptive_cutoff,
+                 "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
                  "oversample": oversample, "power_iters": power_iters}  # fmt: skip
         unused = _unused_settings(representation, solver, eigensolver, given)
         require(
@@ -115,6 +135,17 @@ class FIPA(Aggregator):
         gamma = DEFAULTS.gamma if gamma is None else gamma
         oversample = DEFAULTS.oversample if oversample is None else oversample
         power_iters = DEFAULTS.power_iters if power_iters is None else power_iters
+        complement_step = DEFAULTS.complement_step if complement_step is None else complement_step
+        damping = DEFAULTS.damping if damping is None else damping
+        damping_factor = DEFAULTS.damping_factor if damping_factor is None else damping_factor
+        require(complement_step >= 0, f"aggregator.complement_step must be >= 0, got {complement_step}")
+        lo, hi = DAMPING_RANGE
+        require(lo <= damping <= hi, f"aggregator.damping must be in [{lo:g}, {hi:g}], got {damping}")
+        require(damping_factor > 1, f"aggregator.damping_factor must be > 1, got {damping_factor}")
+        require(
+            adaptive_cutoff is None or adaptive_cutoff > 0,
+            f"aggregator.adaptive_cutoff must be > 0, got {adaptive_cutoff}",
+        )
         require(rank is None or rank >= 1, f"aggregator.rank must be >= 1 or null (full rank), got {rank}")
         require(step_size > 0, f"aggregator.step_size must be > 0, got {step_size}")
         require(solver in SOLVERS, f"aggregator.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -151,10 +182,22 @@ class FIPA(Aggregator):
         self.params = params
         self.others = others
         self.representation = representation
-        self.required_statistics = (
-            ("curvature_diagonal",) if representation == "diagonal" else ("eigenvectors", "eigenvalues")
-        )
-        self.diagnostic_keys = () if representation == "diagonal" else DIAGNOSTICS
+        self.complement_step = float(complement_step)
+        self.damping, self.damping_factor = float(damping), float(damping_factor)
+        self.adaptive_damping, self.adaptive_cutoff = bool(adaptive_damping), adaptive_cutoff
+        probe = (*(("start_loss",) if self.adaptive_damping else ()), *(("gradient",) if adaptive_cutoff else ()))
+        curvature = ("curvature_diagonal",) if representation == "diagonal" else ("eigenvectors", "eigenvalues")
+        self.required_statistics = (*curvature, *probe)
+        self.diagnostic_keys = () if representation == "diagonal" else (
+            *DIAGNOSTICS,
+            *(("complement_share",) if self.complement_step else ()),
+            *(("damping",) if solver == "anchored" else ()),
+            *(("step_rejected",) if self.adaptive_damping else ()),
+            *(("cutoff_mean",) if adaptive_cutoff else ()),
+        )  # fmt: skip
+        self._nu = self.damping  # the relative damping in force (adapted by the LM rule, saved with checkpoints)
+        self._accepted: dict | None = None  # the trust region's last accepted point, its problem and its losses
+        self._round = 0
         self.curvature = CurvatureCallback(
             rank=rank,
             estimator=estimator,
@@ -167,6 +210,7 @@ class FIPA(Aggregator):
             max_samples=curvature_samples,
             freeze_others=others == "freeze",
             seed=seed,
+            probe=tuple(s for s in ("start_loss", "gradient") if s in probe),
         )
 
     def client_callbacks(self) -> list[ClientCallback]:
@@ -182,6 +226,9 @@ class FIPA(Aggregator):
         self.all_selected = bool(self.mask.all())
 
     # Streaming round --------------------------------------------------------------------------------------
+    def begin_round(self, round_idx: int) -> None:
+        self._round = round_idx
+
     def reset(self, global_params: Tensor) -> None:
         self.mask = self.mask.to(global_params.device)  # the server's device (a no-op after the first round)
         self._global = global_params
@@ -189,49 +236,161 @@ class FIPA(Aggregator):
         self._update_sum = torch.zeros_like(global_params)  # sum N_m Delta_m: FedAvg for unselected parameters
         self._eigenvectors: list[Tensor] = []
         self._eigenvalues: list[Tensor] = []
+        self._coefficients: list[Tensor] = []  # U_m^T Delta_m: what b needs once a client's factor is cut
         self._counts: list[int] = []
         # sum N_m H_m Delta_m (low rank), or sum N_m d_m * Delta_m (diagonal)
         self._rhs = torch.zeros(int(self.mask.sum()), dtype=global_params.dtype, device=global_params.device)
         self._diag_sum = torch.zeros_like(self._rhs)  # sum N_m d_m (diagonal representation)
         self._in_subspace: list[float] = []
+        self._losses: dict[int, tuple[float, int]] = {}  # client -> (loss at this broadcast point, N_m)
+        self._gradient_norms: list[float] = []
+        self._gradient_sum = torch.zeros_like(self._rhs) if self.adaptive_cutoff else None
+        self._extra: dict[str, float] = {}
 
     def update(self, update: ClientUpdate) -> None:
         n = update.num_samples
         delta = update.delta if self.all_selected else update.delta[self.mask]
         self._total += n
         AF.accumulate_weighted(self._update_sum, update.delta, n)
+        if "start_loss" in update.statistics:
+            self._losses[update.client_id] = (float(update.statistics["start_loss"]), n)
         if self.representation == "diagonal":
             AF.accumulate_diagonal(self._rhs, self._diag_sum, delta, update.statistics["curvature_diagonal"], n)
             return
         U, lam = update.statistics["eigenvectors"], update.statistics["eigenvalues"]
-        self._rhs += AF.factor_rhs(U, lam, n, delta)
+        coefficients = U.T @ delta
+        if self._gradient_sum is None:  # b streams; with the adaptive cut-off it is formed after the cut
+            self._rhs += AF.factor_rhs(U, lam, n, delta)
+        else:
+            gradient = update.statistics["gradient"]
+            self._gradient_sum += gradient
+            self._gradient_norms.append(float(gradient.norm()))
+            self._coefficients.append(coefficients)
         self._eigenvectors.append(U)
         self._eigenvalues.append(lam)
         self._counts.append(n)
-        coefficients = U.T @ delta  # share of the update inside the client's Fisher subspace (diagnostic)
+        # the share of the update inside the client's Fisher subspace (diagnostic)
         self._in_subspace.append(float(coefficients.square().sum() / delta.square().sum().clamp_min(1e-300)))
 
     def compute(self) -> Tensor:
         if self._total == 0:
             return self._global
-        fedavg_step = AF.mean_from_sum(self._update_sum, self._total)
-        new = self._global.clone()
+        base, fedavg_step = self._global, AF.mean_from_sum(self._update_sum, self._total)
+        fedavg_selected = fedavg_step if self.all_selected else fedavg_step[self.mask]
+        extra = None  # the complement step, taken with its own step size
         if self.representation == "diagonal":
-            fallback = fedavg_step if self.all_selected else fedavg_step[self.mask]
-            direction = AF.diagonal_solve(self._rhs, self._diag_sum, fallback, self.rcond)
+            direction = AF.diagonal_solve(self._rhs, self._diag_sum, fedavg_selected, self.rcond)
+        elif self.solver == "anchored" and self.adaptive_damping:
+            base, direction, fedavg_step = self._trust_region_step(fedavg_step)
         else:
-            b = self._rhs / self._total
-            F = AF.stack_scaled_factors(self._eigenvectors, self._eigenvalues, [n / self._total for n in self._counts])
-            if self.solver == "pinv":
-                direction = AF.lowrank_pinv_solve(F, b, self.rcond, overwrite_factor=True)
-            else:
-                direction = AF.lowrank_damped_solve(F, b, self.beta, self.gamma, overwrite_factor=True)
+            direction, extra = self._lowrank_direction(fedavg_selected)
+        new = base.clone()
         if self.all_selected:
-            return new.add_(direction, alpha=self.step_size)
-        new[self.mask] += self.step_size * direction
+            new.add_(direction, alpha=self.step_size)
+            return new if extra is None else new.add_(extra)
+        new[self.mask] += self.step_size * direction if extra is None else self.step_size * direction + extra
         if self.others == "fedavg":
             new[~self.mask] += fedavg_step[~self.mask]
         return new
+
+    def _factor_and_rhs(self) -> tuple[Tensor, Tensor]:
+        """F (the stacked scaled factors, column-major) and b of this round, after the adaptive cut if any."""
+        if self.adaptive_cutoff:
+            self._cut_by_gradient_norms()
+        weights = [n / self._total for n in self._counts]
+        return AF.stack_scaled_factors(self._eigenvectors, self._eigenvalues, weights), self._rhs / self._total
+
+    def _lowrank_direction(self, fedavg_step: Tensor) -> tuple[Tensor, Tensor | None]:
+        """solve(H, b) by the chosen solver, and the complement step when asked for."""
+        F, b = self._factor_and_rhs()
+        if self.solver == "anchored":
+            self._extra["damping"] = self._nu
+            return AF.lowrank_anchored_solve(F, b, fedavg_step, self._nu, relative=True, overwrite_factor=True), None
+        if not self.complement_step:
+            if self.solver == "pinv":
+                return AF.lowrank_pinv_solve(F, b, self.rcond, overwrite_factor=True), None
+            return AF.lowrank_damped_solve(F, b, self.beta, self.gamma, overwrite_factor=True), None
+        if self.solver == "pinv":
+            solved, complement = AF.lowrank_pinv_solve_with_complement(F, b, fedavg_step, self.rcond)
+        else:
+            complement = AF.subspace_complement(F.clone(), fedavg_step)
+            solved = AF.lowrank_damped_solve(F, b, self.beta, self.gamma, overwrite_factor=True)
+        extra = self.complement_step * complement
+        total = (self.step_size * solved + extra).norm().clamp_min(1e-300)
+        self._extra["complement_share"] = float(extra.norm() / total)
+        return solved, extra
+
+    def _trust_region_step(self, fedavg_step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Levenberg-Marquardt with step rejection on the clients' losses at the broadcast points.
+
+        The broadcast point of this round was last round's step. If the clients' loss there (over the clients that
+        reported at both points) is not above the loss at the last accepted point, the step is accepted: this round
+        becomes the accepted point and the damping falls by damping_factor. Otherwise it is rejected: the server
+        returns to the accepted point and solves that round's problem again with damping_factor times more damping
+        (this round's updates, trained from the rejected point, are not used). So the clients' loss at accepted
+        points never rises. Returns (base point, anchored direction on the selected parameters, FedAvg step).
+        """
+        lo, hi = DAMPING_RANGE
+        accepted = self._accepted
+        if accepted is None or self._not_worse(accepted["losses"]):
+            F, b = self._factor_and_rhs()
+            if accepted is not None:
+                self._nu = max(self._nu / self.damping_factor, lo)
+            fedavg_selected = fedavg_step if self.all_selected else fedavg_step[self.mask]
+            accepted = self._accepted = {
+                "params": self._global, "F": F, "b": b, "fedavg": fedavg_step, "fedavg_selected": fedavg_selected,
+                "losses": {c: loss for c, (loss, _) in self._losses.items()},
+            }  # fmt: skip
+            self._extra["step_rejected"] = 0.0
+        else:
+            self._nu = min(self._nu * self.damping_factor, hi)
+            self._extra["step_rejected"] = 1.0
+        self._extra["damping"] = self._nu
+        direction = AF.lowrank_anchored_solve(
+            accepted["F"].clone(), accepted["b"], accepted["fedavg_selected"], self._nu, relative=True,
+            overwrite_factor=True,
+        )  # fmt: skip
+        return accepted["params"], direction, accepted["fedavg"]
+
+    def _not_worse(self, before: dict[int, float]) -> bool:
+        """The clients' mean loss now (weighted by N_m) against `before`, over the clients that reported both;
+        True when no client reported both (nothing to judge by)."""
+        common = self._losses.keys() & before.keys()
+        if not common:
+            return True
+        total = sum(self._losses[c][1] for c in common)
+        now = sum(self._losses[c][0] * self._losses[c][1] for c in common) / total
+        return now <= sum(before[c] * self._losses[c][1] for c in common) / total
+
+    def _cut_by_gradient_norms(self) -> None:
+        """The authors' adaptive variant (FIPA_SPEC 7): client m keeps its eigenpairs with lambda > thr_m lambda_max,
+        thr_m = clip(C / (k (||g_m|| + ||sum_m g_m|| + 1e-12)), 0, 0.99) at round k; b is formed from the kept parts."""
+        assert self._gradient_sum is not None and self.adaptive_cutoff is not None
+        total_norm = float(self._gradient_sum.norm())
+        cutoffs = []
+        for m, (U, lam, c, n) in enumerate(
+            zip(self._eigenvectors, self._eigenvalues, self._coefficients, self._counts)
+        ):
+            threshold = min(
+                max(self.adaptive_cutoff / (max(self._round, 1) * (self._gradient_norms[m] + total_norm + 1e-12)), 0.0),
+                0.99,
+            )
+            keep = lam > threshold * lam.max() if lam.numel() else lam > 0
+            self._eigenvectors[m], self._eigenvalues[m] = U[:, keep], lam[keep]
+            self._rhs += U[:, keep] @ (c[keep] * lam[keep] * n)
+            cutoffs.append(threshold)
+        self._extra["cutoff_mean"] = sum(cutoffs) / len(cutoffs)
+
+    def state_dict(self) -> dict:
+        accepted = None if self._accepted is None else {**self._accepted, "F": self._accepted["F"].contiguous()}
+        return {"damping": self._nu, "accepted": accepted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._nu = float(state.get("damping", self.damping))
+        accepted = state.get("accepted")
+        if accepted is not None:  # the solves factorise F in place: keep it column-major, as stack_scaled_factors does
+            accepted = {**accepted, "F": accepted["F"].T.contiguous().T, "losses": dict(accepted["losses"])}
+        self._accepted = accepted
 
     def diagnostics(self) -> dict[str, float]:
         if self.representation == "diagonal":
@@ -247,4 +406,5 @@ class FIPA(Aggregator):
             if self._in_subspace
             else float("nan"),
             "update_in_subspace_min": min(self._in_subspace) if self._in_subspace else float("nan"),
+            **{key: self._extra.get(key, float("nan")) for key in self.diagnostic_keys if key not in DIAGNOSTICS},
         }

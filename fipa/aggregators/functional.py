@@ -45,13 +45,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "accumulate_diagonal",
+    "accumulate_weighted",
     "aggregate_rhs",
+    "diagonal_solve",
     "diagonal_weighted_average",
     "factor_rhs",
+    "lowrank_anchored_solve",
     "lowrank_damped_solve",
     "lowrank_pinv_solve",
+    "lowrank_pinv_solve_with_complement",
+    "mean_from_sum",
     "scaled_factor",
     "stack_scaled_factors",
+    "subspace_complement",
     "subspace_curvature",
     "weighted_average",
 ]
@@ -400,15 +407,78 @@ def lowrank_pinv_solve(F: Tensor, b: Tensor, rcond: float = 1e-5, *, overwrite_f
     if min(p, R) == 0:
         return torch.zeros_like(b)
     sub = _ImplicitSubspace(F, overwrite_factor)
-    evals, V = sub.evals, sub.evecs
-    lam_max = evals.max()
-    keep = evals > rcond * lam_max  # nothing is kept when H == 0
+    return _pinv_in(sub, b, rcond)
+
+
+def _kept(sub: _ImplicitSubspace, rcond: float) -> Tensor:
+    """The eigenvectors of K (columns) whose eigenvalues of H the pinv solve keeps (above rcond x the largest)."""
+    return sub.evecs[:, sub.evals > rcond * sub.evals.max()]  # none when H == 0
+
+
+def _pinv_in(sub: _ImplicitSubspace, b: Tensor, rcond: float) -> Tensor:
+    keep = sub.evals > rcond * sub.evals.max()
     if not bool(keep.any()):
         return torch.zeros_like(b)
-    Vk = V[:, keep]
-    c = sub.project(b)
-    z = Vk @ ((Vk.T @ c) / evals[keep])
+    Vk = sub.evecs[:, keep]
+    z = Vk @ ((Vk.T @ sub.project(b)) / sub.evals[keep])
     return sub.lift(z, b.dtype)
+
+
+def lowrank_pinv_solve_with_complement(
+    F: Tensor, b: Tensor, v: Tensor, rcond: float = 1e-5, *, overwrite_factor: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(pinv(F F^T, rcond) b, (I - P) v)`` from one factorisation, with ``P`` the orthogonal projector onto the
+    eigenvectors of ``H = F F^T`` the pinv solve keeps. ``(I - P) v`` is the part of ``v`` (e.g. the FedAvg step)
+    that the solve never sees: outside the span of the clients' factors, or along eigenvalues below the cut-off."""
+    rcond = _positive("rcond", rcond)
+    _check_F(F)
+    b, v = _check_rhs(F, b), _check_rhs(F, v)
+    if min(F.shape) == 0:
+        return torch.zeros_like(b), v.clone()
+    sub = _ImplicitSubspace(F, overwrite_factor)
+    Vk = _kept(sub, rcond)
+    inside = sub.lift(Vk @ (Vk.T @ sub.project(v)), v.dtype)
+    return _pinv_in(sub, b, rcond), v - inside
+
+
+def subspace_complement(F: Tensor, v: Tensor, *, overwrite_factor: bool = False) -> Tensor:
+    """``(I - Q Q^T) v``: the part of ``v`` outside the span of ``F``'s columns (the clients' eigenvectors)."""
+    _check_F(F)
+    v = _check_rhs(F, v)
+    if min(F.shape) == 0:
+        return v.clone()
+    sub = _ImplicitSubspace(F, overwrite_factor)
+    return v - sub.lift(sub.project(v), v.dtype)
+
+
+def lowrank_anchored_solve(
+    F: Tensor, b: Tensor, anchor: Tensor, mu: float, *, relative: bool = False, overwrite_factor: bool = False
+) -> Tensor:
+    """``(F F^T + mu I)^{-1} (b + mu anchor)`` without forming ``F F^T``: the minimiser ``d`` of
+
+        sum_m w_m (d - Delta_m)^T H_m (d - Delta_m) + mu ||d - anchor||^2,
+
+    FIPA's quadratic model held near ``anchor`` (the FedAvg step): a Levenberg-Marquardt / trust-region solve
+    between FIPA (``mu -> 0``, on the span of the factors) and the anchor (``mu -> inf``). Directions outside the
+    span of ``F`` take the anchor's component, so no part of the anchor is ever dropped. Computed as
+    ``Q (K + mu I)^{-1} Q^T x + (x - Q Q^T x) / mu`` with ``x = b + mu anchor``. ``relative=True`` takes ``mu`` in
+    units of the largest eigenvalue of ``H`` (scale-free damping; ``H = 0`` then gives the anchor).
+    """
+    mu = _positive("mu", mu)
+    _check_F(F)
+    b, anchor = _check_rhs(F, b), _check_rhs(F, anchor)
+    if min(F.shape) == 0:
+        return b / mu + anchor
+    sub = _ImplicitSubspace(F, overwrite_factor)
+    if relative:
+        lam_max = float(sub.evals.max())
+        if lam_max <= 0:
+            return anchor.clone()
+        mu = mu * lam_max
+    x = b + mu * anchor
+    c = sub.project(x)
+    z = sub.evecs @ ((sub.evecs.T @ c) / (sub.evals + mu))
+    return sub.lift(z, b.dtype) + (x - sub.lift(c, b.dtype)) / mu
 
 
 def lowrank_damped_solve(

@@ -90,6 +90,7 @@ class CurvatureCallback(ClientCallback):
         max_samples: int | None = None,
         freeze_others: bool = False,
         seed: int = 0,
+        probe: tuple[str, ...] = (),
     ):
         self.rank = rank
         self.estimator = estimator
@@ -103,6 +104,9 @@ class CurvatureCallback(ClientCallback):
         self.param_names: list[str] | None = None  # set by the aggregator's bind(); None: all parameters
         self.freeze_others = freeze_others
         self.seed = seed
+        # what else the server asks about the broadcast point: "start_loss" (the client's loss on its data) and
+        # "gradient" (that loss's gradient w.r.t. the selected parameters, J^T r / N for MSE)
+        self.probe = tuple(probe)
         self._warned_rank = False
         self._reset()
 
@@ -112,6 +116,7 @@ class CurvatureCallback(ClientCallback):
         self._count = 0
         self._seconds = 0.0
         self._frozen: list[torch.nn.Parameter] = []
+        self._probed: dict[str, Tensor] = {}
 
     @property
     def needs_epochs(self) -> bool:
@@ -127,6 +132,8 @@ class CurvatureCallback(ClientCallback):
             ]
             for p in self._frozen:
                 p.requires_grad_(False)
+        if self.probe:
+            self._probe(pl_module)
         if self.at == "start":
             self._measure(pl_module)
 
@@ -142,10 +149,12 @@ class CurvatureCallback(ClientCallback):
     # What the client uploads ------------------------------------------------------------------------------
     def client_statistics(self) -> dict[str, Tensor]:
         if self.representation == "diagonal":
-            return {} if self._diagonal is None else {"curvature_diagonal": self._diagonal}
-        if self._lowrank is None:
-            return {}
-        return {"eigenvectors": self._lowrank.eigenvectors, "eigenvalues": self._lowrank.eigenvalues}
+            curvature = {} if self._diagonal is None else {"curvature_diagonal": self._diagonal}
+        elif self._lowrank is None:
+            curvature = {}
+        else:
+            curvature = {"eigenvectors": self._lowrank.eigenvectors, "eigenvalues": self._lowrank.eigenvalues}
+        return {**curvature, **self._probed}
 
     def client_metrics(self) -> dict[str, float]:
         metrics = {"curvature_s": self._seconds}
@@ -157,6 +166,24 @@ class CurvatureCallback(ClientCallback):
     def _selected_names(self, pl_module) -> list[str]:
         names = [n for n, _ in client_model(pl_module).named_parameters()]
         return names if self.param_names is None else [n for n in names if n in set(self.param_names)]
+
+    def _probe(self, pl_module) -> None:
+        """The client's loss on its local data at the broadcast point (eval mode, no augmentation) and, if asked,
+        its gradient w.r.t. the selected parameters: one forward and one backward pass."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            selected = set(self._selected_names(pl_module))
+            params = [p for n, p in client_model(pl_module).named_parameters() if n in selected]
+            with torch.enable_grad():
+                loss = pl_module.data_loss(pl_module.local_data)
+                self._probed = {"start_loss": loss.detach().reshape(1)} if "start_loss" in self.probe else {}
+                if "gradient" in self.probe:
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+                    self._probed["gradient"] = torch.cat([g.reshape(-1) for g in flat])
+        finally:
+            pl_module.train(was_training)
 
     def _measure(self, pl_module) -> None:
         start = time.perf_counter()

@@ -26,6 +26,14 @@ class ClassificationModule(ClientModule):
             x = self.augment(x, self.generator)
         return F.cross_entropy(self.model(x), y)
 
+    def data_loss(self, data: TensorData, chunk: int = 2000) -> Tensor:
+        """Mean cross-entropy over all local images, unaugmented, in chunks (bounded memory)."""
+        x, y = data.tensors[:2]
+        losses = [
+            F.cross_entropy(self.model(xs), ys, reduction="sum") for xs, ys in zip(x.split(chunk), y.split(chunk))
+        ]
+        return torch.stack(losses).sum() / len(y)
+
     def per_sample_logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         return torch.func.functional_call(self.model, params, (x.unsqueeze(0),)).squeeze(0)
 

@@ -480,3 +480,68 @@ def test_invalid_shapes_and_weights_raise():
         factor_rhs(U, torch.ones(3, dtype=DT), 0.5, torch.ones(11, dtype=DT))
     with pytest.raises(ValueError, match="negative"):
         diagonal_weighted_average([v], [-v], [1.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# robust FIPA pieces: the complement of the kept subspace and the FedAvg-anchored (Levenberg-Marquardt) solve
+# --------------------------------------------------------------------------------------------------
+def dense_pieces(p=12, ranks=(2, 3), seed=3):
+    Us, lams, ws, deltas = make_clients(p, list(ranks), seed=seed)
+    F = stack_scaled_factors(Us, lams, ws)
+    H = F @ F.T
+    b = aggregate_rhs(Us, lams, ws, deltas)
+    fedavg = weighted_average(deltas, ws)
+    return F, H, b, fedavg
+
+
+@pytest.mark.parametrize("rcond", [1e-5, 0.3])
+def test_pinv_with_complement_matches_the_dense_projector_of_the_kept_eigenvectors(rcond):
+    from fipa.aggregators.functional import lowrank_pinv_solve_with_complement
+
+    F, H, b, v = dense_pieces()
+    evals, evecs = torch.linalg.eigh(H)
+    kept = evecs[:, evals > rcond * evals.max()]
+    assert 0 < kept.shape[1] < H.shape[0]  # a proper subspace: the complement is not trivial
+    direction, complement = lowrank_pinv_solve_with_complement(F.clone(), b, v, rcond)
+    assert_vec_close(direction, torch.linalg.pinv(H, rtol=rcond, hermitian=True) @ b, 1e-10)
+    assert_vec_close(complement, v - kept @ (kept.T @ v), 1e-12)
+    assert (kept.T @ complement).abs().max() < 1e-12  # nothing of the kept subspace is left in the complement
+    if rcond == 0.3:  # a larger cut-off drops eigenvectors inside span(F): the complement then holds them
+        span = torch.linalg.qr(F)[0]
+        assert (complement - (v - span @ (span.T @ v))).abs().max() > 1e-3
+
+
+def test_subspace_complement_is_orthogonal_to_every_client_factor():
+    from fipa.aggregators.functional import subspace_complement
+
+    F, _, _, v = dense_pieces()
+    out = subspace_complement(F.clone(), v)
+    span = torch.linalg.qr(F)[0]
+    assert_vec_close(out, v - span @ (span.T @ v), 1e-12)
+    assert (F.T @ out).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mu", [1e-3, 0.7, 50.0])
+def test_anchored_solve_matches_the_dense_regularised_system(mu):
+    from fipa.aggregators.functional import lowrank_anchored_solve
+
+    F, H, b, anchor = dense_pieces()
+    expected = torch.linalg.solve(H + mu * torch.eye(H.shape[0], dtype=DT), b + mu * anchor)
+    assert_vec_close(lowrank_anchored_solve(F.clone(), b, anchor, mu), expected, 1e-9)
+
+
+def test_anchored_solve_spans_fipa_and_the_anchor():
+    from fipa.aggregators.functional import lowrank_anchored_solve
+
+    F, H, b, anchor = dense_pieces(p=8, ranks=(4, 5))  # R = 9 > p: H is full rank
+    fipa = torch.linalg.solve(H, b)
+    assert_vec_close(lowrank_anchored_solve(F.clone(), b, anchor, 1e-9), fipa, 1e-6)  # mu -> 0: FIPA
+    far = lowrank_anchored_solve(F.clone(), b, anchor, 1e9)
+    assert_vec_close(far, anchor, 1e-7)  # mu -> inf: the anchor (FedAvg)
+    # with a rank-deficient H, the part of the anchor outside span(F) passes through unchanged for any mu
+    F, H, b, anchor = dense_pieces()
+    span = torch.linalg.qr(F)[0]
+    outside = anchor - span @ (span.T @ anchor)
+    for mu in (1e-6, 1.0):
+        d = lowrank_anchored_solve(F.clone(), b, anchor, mu)
+        assert_vec_close(d - span @ (span.T @ d), outside, 1e-9)
