@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ def completed_summary(run_dir: str | Path) -> dict[str, Any] | None:
     return summary if summary.get("status") == "completed" else None
 
 
+def quoted_override(key: str, value: str | Path) -> str:
+    """key='value' for Hydra: study directories are named key=value,key=value, which unquoted would not parse."""
+    # Hydra's quoted strings: a quote is escaped with a backslash, and backslashes are escaped only where they
+    # stand before a quote (or the closing one)
+    escaped = re.sub(r"(\\*)'", lambda m: 2 * m.group(1) + "\\'", str(value))
+    escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
+    return f"{key}='{escaped}'"
+
+
 def run_resumable(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
     """For study scripts: run into run_dir, or, if an earlier attempt left a checkpoint there, resume it
     (add federation.checkpoint_every=K to the overrides of long runs so that a killed study loses little)."""
@@ -63,7 +73,7 @@ def run_resumable(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) is not None:
-        return run(compose([f"resume={run_dir}"]), run_dir)
+        return run(compose([quoted_override("resume", run_dir)]), run_dir)
     return run(compose(overrides), run_dir)
 
 

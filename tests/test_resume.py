@@ -89,7 +89,7 @@ def test_study_scripts_resume_a_run_that_left_a_checkpoint(tmp_path):
 
     overrides = ["task.points_per_client=20", "federation.local_epochs=2", "federation.rounds=4", "federation.checkpoint_every=2"]
     full = run(compose_config(*overrides), tmp_path / "full")
-    partial = tmp_path / "partial"
+    partial = tmp_path / "experiment=regression_1d_m4,seed=0"  # study.py names its run directories this way
     run(compose_config(*overrides[:-2], "federation.rounds=2", "federation.checkpoint_every=2"), partial)
     (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
     # the saved config says 2 rounds; the study asks for 4 -> a fresh run would redo round 1, resume must not
@@ -98,3 +98,12 @@ def test_study_scripts_resume_a_run_that_left_a_checkpoint(tmp_path):
     summary = run_resumable(overrides, partial)
     assert summary["rounds_completed"] == 4 and summary["test_mse"] == full["test_mse"]
     assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
+
+
+@pytest.mark.parametrize("path", ["/runs/experiment=a,variant=b,seed=0", "/it's", "a\\b", "end\\", "q\\'z"])
+def test_quoted_override_survives_hydra_parsing(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fipa.train import quoted_override
+
+    assert OverridesParser.create().parse_override(quoted_override("resume", path)).value() == path
