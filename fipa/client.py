@@ -152,6 +152,7 @@ class ClientModule(L.LightningModule):
         self.last_train_loss: Tensor | float = float("nan")
         self.automatic_optimization = type(self).training_step is not ClientModule.training_step
         self.steps_per_batch = 1  # set by the LocalTrainer for each fit
+        self.epochs_fused = False  # whether this fit runs its epochs as updates of one step (set by the LocalTrainer)
         self.compile_steps = False  # trainer.compile: compiled local updates (fipa.local_steps.CompiledSteps)
         self._steps: EagerSteps | None = None
         self._compiled: dict[tuple, CompiledSteps] = {}  # kept across fits: a new round reuses the graphs
@@ -268,6 +269,7 @@ class LocalTrainer:
             and getattr(loader.sampler, "whole_dataset", False)
         )
         module.steps_per_batch = epochs if fused else 1
+        module.epochs_fused = fused
         module.compile_steps = self.settings.compile
         trainer.fit_loop.max_epochs = trainer.current_epoch + (1 if fused else epochs)
         trainer.should_stop = False
@@ -290,6 +292,15 @@ class LocalTrainer:
             if isinstance(callback, ClientCallback):
                 stats.update(callback.client_statistics())
         return stats
+
+
+def set_local_epochs(trainer: L.Trainer, module: L.LightningModule, epochs: int) -> None:
+    """Change the number of local epochs of the fit under way, from a callback's `on_train_start` (e.g. FIPA's
+    adaptive local epochs): the updates of the one fused step, or the fit loop's epoch budget."""
+    if isinstance(module, ClientModule) and module.epochs_fused:
+        module.steps_per_batch = epochs
+    else:
+        trainer.fit_loop.max_epochs = trainer.current_epoch + epochs
 
 
 def resolve_device(accelerator: str) -> torch.device:

@@ -42,7 +42,10 @@ class Executor:
         global_params: torch.Tensor,
         round_states: list[Any],
         jobs: list[Job],
+        aggregator_state: Any = None,
     ) -> Iterator[tuple[int, Any]]:
+        """Train the round's jobs; yield (client, (update, client states) or the client's exception) in job order.
+        `round_states` are the client methods' round states, `aggregator_state` what the rule's client half needs."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -52,14 +55,16 @@ class Executor:
 class SequentialExecutor(Executor):
     """One client after another in this process, on the driver's ClientRunner (the default)."""
 
-    def run(self, round_idx, global_params, round_states, jobs):
+    def run(self, round_idx, global_params, round_states, jobs, aggregator_state=None):
         runner = self.runner
         if runner is None:
             raise ConfigError("executor=sequential needs the driver's ClientRunner (fipa.train.build binds it)")
         for client_id, client_states in jobs:
             outcome: Any
             try:
-                outcome = runner.train(client_id, round_idx, global_params, round_states, client_states)
+                outcome = runner.train(
+                    client_id, round_idx, global_params, round_states, client_states, aggregator_state
+                )
             except Exception as error:
                 outcome = error
             yield client_id, outcome
@@ -77,8 +82,10 @@ class ClientWorker:
     def ready(self) -> bool:
         return True
 
-    def train(self, client_id, round_idx, global_params, round_states, client_states):
-        update, states = self.runner.train(client_id, round_idx, global_params, round_states, client_states)
+    def train(self, client_id, round_idx, global_params, round_states, client_states, aggregator_state=None):
+        update, states = self.runner.train(
+            client_id, round_idx, global_params, round_states, client_states, aggregator_state
+        )
         # results travel as host tensors: the driver may have no GPU, or another one
         cpu = [state.cpu() if isinstance(state, torch.Tensor) else state for state in states]
         return update.to("cpu"), cpu
@@ -146,7 +153,7 @@ class RayExecutor(Executor):
         self.workers = [self._worker_class.remote(self.config) for _ in range(self.num_workers)]
         ray.get([worker.ready.remote() for worker in self.workers])  # start-up is not round time
 
-    def run(self, round_idx, global_params, round_states, jobs):
+    def run(self, round_idx, global_params, round_states, jobs, aggregator_state=None):
         import ray
 
         host_states = [state.cpu() if isinstance(state, torch.Tensor) else state for state in round_states]
@@ -157,7 +164,7 @@ class RayExecutor(Executor):
             while idle and submitted < len(jobs):  # keep every worker busy
                 worker = idle.pop()
                 client_id, client_states = jobs[submitted]
-                ref = worker.train.remote(client_id, round_idx, params_ref, states_ref, client_states)
+                ref = worker.train.remote(client_id, round_idx, params_ref, states_ref, client_states, aggregator_state)
                 running[ref] = (submitted, worker)
                 submitted += 1
             (done,), _ = ray.wait(list(running), num_returns=1)

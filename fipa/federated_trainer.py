@@ -124,7 +124,8 @@ class FederatedTrainer:
         client_metrics: list[dict[str, float]] = []
         failed = 0
         # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
-        for client_id, outcome in self.executor.run(round_idx, global_params, round_states, jobs):
+        outcome_stream = self.executor.run(round_idx, global_params, round_states, jobs, aggregator.round_state())
+        for client_id, outcome in outcome_stream:
             if isinstance(outcome, Exception):  # one faulty client must not end a long run
                 log.warning(
                     "round %d: client %d failed (%s: %s); left out of the round",

@@ -79,9 +79,11 @@ class ClientRunner:
         global_params: Tensor,
         round_states: list[Any],
         client_states: list[Any],
+        aggregator_state: Any = None,
     ) -> tuple[ClientUpdate, list[Any]]:
-        """Train one client from the broadcast point with the client methods' shipped state; return its update and
-        the client methods' new state for this client."""
+        """Train one client from the broadcast point with the client methods' shipped state (and what the round's
+        rule tells its client half, `Aggregator.round_state`); return its update and the client methods' new state
+        for this client."""
         phase = phase_of(self.phases, round_idx)
         module = self.module
         module.lr_scale = self.lr_decay ** (round_idx - 1) * phase.lr_scale
@@ -90,6 +92,8 @@ class ClientRunner:
         module.generator = torch_generator(self.seed, AUGMENT, round_idx, client_id)
         for method, round_state, client_state in zip(self.client_methods, round_states, client_states):
             method.begin_client(client_id, round_state, client_state)
+        for callback in phase.aggregator.client_callbacks():
+            callback.begin_client(client_id, aggregator_state, None)
         update = train_client(
             client_id,
             module,

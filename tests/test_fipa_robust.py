@@ -164,6 +164,9 @@ def test_the_authors_cutoff_keeps_each_clients_eigenpairs_above_its_threshold():
         ({"solver": "anchored", "damping": 0.0}, "aggregator.damping must be in"),
         ({"solver": "anchored", "adaptive_damping": True, "damping_factor": 1.0}, "damping_factor must be > 1"),
         ({"complement_step": -1.0}, "complement_step must be >= 0"),
+        ({"adaptive_epochs": 0.1}, "adaptive_epochs needs aggregator.adaptive_cutoff"),
+        ({"adaptive_epochs": 0.1, "adaptive_cutoff": 1.0, "curvature_at": "epoch_end"}, "needs curvature_at=start"),
+        ({"max_local_epochs": 50}, "max_local_epochs=50 has no effect with adaptive_epochs unset"),
     ],
 )
 def test_robust_settings_follow_the_mode_rules(settings, message):
@@ -189,6 +192,9 @@ def test_the_variants_run_from_the_config_and_count_what_clients_upload(tiny_con
         assert int(row["bytes_up_start_loss"]) == 4 * 8 and int(row["bytes_up_gradient"]) == 4 * p * 8
         assert float(row["damping"]) > 0 and row["step_rejected"] in ("0.0", "1.0")
         assert 0 <= float(row["cutoff_mean"]) <= 0.99
+    run(tiny_config("aggregator=fipa", "aggregator.adaptive_cutoff=1.0", "aggregator.adaptive_epochs=0.1",
+                    "aggregator.max_local_epochs=9"), tmp_path / "epochs")  # fmt: skip
+    assert all(1 <= float(r["local_epochs_mean"]) <= 9 for r in read_rows(tmp_path / "epochs" / "metrics.csv"))
     run(tiny_config("aggregator=fipa", "aggregator.complement_step=1.0"), tmp_path / "complement")
     assert all(0 <= float(r["complement_share"]) <= 1 for r in read_rows(tmp_path / "complement" / "metrics.csv"))
 
@@ -206,3 +212,56 @@ def test_a_resumed_trust_region_run_ends_as_the_uninterrupted_one(tiny_config, t
     (partial / "config.yaml").write_text((partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 5"))
     run_resumable([], partial)
     assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
+
+
+def test_adaptive_local_epochs_by_hand():
+    from fipa.curvature.adaptive import adaptive_local_epochs, kept_by_cutoff, relative_cutoff
+
+    lam = torch.tensor([2.0, 0.5, 1e-3], dtype=DT)
+    # thr = 1 / (2 (3 + 7)) = 0.05: 0.5 > 0.05 x 2 is kept, 1e-3 is not
+    assert relative_cutoff(1.0, 2, 3.0, 7.0) == pytest.approx(0.05)
+    assert kept_by_cutoff(lam, 0.05).tolist() == [True, True, False]
+    assert relative_cutoff(100.0, 1, 0.1, 0.1) == 0.99  # clipped: at least the largest stays
+    kept = lam[kept_by_cutoff(lam, 0.05)]
+    # target 1 / (2 x 10) = 0.05, rho = 1 - 0.1 x 0.5 = 0.95: ceil(log 0.05 / log 0.95) = ceil(58.40) = 59
+    assert adaptive_local_epochs(kept, 10.0, 2, 0.1, 1.0, 200) == 59
+    assert adaptive_local_epochs(kept, 10.0, 2, 0.1, 1.0, 40) == 40  # the cap
+    assert adaptive_local_epochs(kept, 0.1, 2, 0.1, 1.0, 200) == 1  # the gradient is already below the target
+    assert adaptive_local_epochs(kept, 10.0, 2, 3.0, 1.0, 200) == 1  # lr x lambda_min >= 1: one step overshoots
+    assert adaptive_local_epochs(kept[:0], 10.0, 2, 0.1, 1.0, 200) == 200  # nothing kept: no contraction known
+
+
+@pytest.mark.parametrize("real_epochs", [False, True], ids=["fused", "real-epochs"])
+def test_each_client_trains_the_adaptive_epochs_it_reports(real_epochs):
+    from test_local_steps import NeedsEpochs, StepRecorder, job, runner_for
+
+    from fipa.curvature.adaptive import adaptive_local_epochs, kept_by_cutoff, relative_cutoff
+
+    recorder = StepRecorder()
+    runner = runner_for("aggregator=fipa", "aggregator.rank=null", "aggregator.adaptive_cutoff=1.0",
+                        "aggregator.adaptive_epochs=0.1", "aggregator.max_local_epochs=60",
+                        "task.points_per_client=40", "federation.local_epochs=7", "optimizer.lr=0.01",
+                        extra=[recorder, *([NeedsEpochs()] if real_epochs else [])])  # fmt: skip
+    assert runner.local_trainers[0].epochs_in_one_step is not real_epochs
+    update, _ = job(runner, round_idx=2)
+    stats = update.statistics  # the client's own view: no server norm in a job without round state
+    g = float(stats["gradient"].norm())
+    lam = stats["eigenvalues"]
+    expected = adaptive_local_epochs(lam[kept_by_cutoff(lam, relative_cutoff(1.0, 2, g, g))], g, 2, 0.01, 0.1, 60)
+    assert expected != 7 and update.metrics["local_epochs"] == expected
+    assert recorder.calls.count("before_optimizer_step") == expected
+
+
+def test_the_server_tells_clients_last_rounds_gradient_norm_and_checkpoints_it():
+    p = 7
+    updates, *_ = clients(ranks=(3, 3), gradients=True)
+    agg = FIPA(rank=None, adaptive_cutoff=1.0, adaptive_epochs=0.1)
+    agg.begin_round(1)
+    assert agg.round_state() == {"gradient_sum_norm": None}  # round 1: each client uses its own norm
+    fipa_round(agg, torch.zeros(p, dtype=DT), updates, p)
+    total = float(sum(u.statistics["gradient"] for u in updates).norm())
+    assert agg.round_state() == {"gradient_sum_norm": pytest.approx(total)}
+    resumed = FIPA(rank=None, adaptive_cutoff=1.0, adaptive_epochs=0.1)
+    resumed.load_state_dict(agg.state_dict())
+    assert resumed.round_state() == agg.round_state()
+    assert FIPA(rank=None, adaptive_cutoff=1.0).round_state() is None  # nothing to tell without adaptive epochs

@@ -8,6 +8,7 @@ for FedAvg, the low-rank factors for FIPA).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from torch import Tensor
 
@@ -30,6 +31,10 @@ class Aggregator(ABC):
 
     def begin_round(self, round_idx: int) -> None:
         """The round about to start (1-based), before `reset`; rules that depend on it (e.g. a schedule) keep it."""
+
+    def round_state(self) -> Any:
+        """What the rule's client half needs this round, shipped with every job (after `begin_round`); None: nothing."""
+        return None
 
     @abstractmethod
     def reset(self, global_params: Tensor) -> None:

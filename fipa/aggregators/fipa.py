@@ -17,6 +17,7 @@ from torch import Tensor
 from fipa.aggregators import functional as AF
 from fipa.aggregators.base import Aggregator
 from fipa.client import ClientCallback, ClientUpdate
+from fipa.curvature.adaptive import kept_by_cutoff, relative_cutoff
 from fipa.curvature.callback import CurvatureCallback
 from fipa.curvature.eigen import effective_rank
 from fipa.curvature.ggn import ESTIMATORS
@@ -51,6 +52,7 @@ class ModeDefaults:
     power_iters: int = 2
     complement_step: float = 0.0
     damping: float = 1e-3  # anchored: mu relative to the largest eigenvalue of H
+    max_local_epochs: int = 200  # adaptive_epochs: the authors' cap
     damping_factor: float = 3.0  # anchored, adaptive: nu x f after a round whose step raised the clients' loss, / f after one that lowered it
 
 
@@ -66,9 +68,12 @@ def _unused_settings(representation: str, solver: str | None, eigensolver: str |
     solver = solver or DEFAULTS.solver
     if representation == "diagonal":
         for name in ("rank", "solver", "eigensolver", "oversample", "power_iters", "beta", "gamma",
-                     "complement_step", "adaptive_cutoff", *LM_SETTINGS):  # fmt: skip
+                     "complement_step", "adaptive_cutoff", "adaptive_epochs", "max_local_epochs",
+                     *LM_SETTINGS):  # fmt: skip
             unused[name] = "representation=diagonal"
     else:
+        if given["adaptive_epochs"] is None:
+            unused["max_local_epochs"] = "adaptive_epochs unset"
         if solver == "pinv":
             unused.update(beta="solver=pinv", gamma="solver=pinv")
         else:
@@ -107,6 +112,8 @@ class FIPA(Aggregator):
         adaptive_damping: bool | None = None,  # anchored: Levenberg-Marquardt rule on the clients' losses (off)
         damping_factor: float | None = None,  # anchored, adaptive: the rule's factor (3)
         adaptive_cutoff: float | None = None,  # the authors' per-client relative eigenvalue cut-off constant C (off)
+        adaptive_epochs: float | None = None,  # the authors' adaptive local epochs: the constant C_tau (off)
+        max_local_epochs: int | None = None,  # adaptive_epochs: the cap on a client's epochs (200)
     ):
         require(
             representation in REPRESENTATIONS,
@@ -114,6 +121,7 @@ class FIPA(Aggregator):
         )
         given = {"complement_step": complement_step, "damping": damping, "damping_factor": damping_factor,
                  "adaptive_damping": adaptive_damping or None, "adaptive_cutoff": adaptive_cutoff,
+                 "adaptive_epochs": adaptive_epochs, "max_local_epochs": max_local_epochs,
                  "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
                  "oversample": oversample, "power_iters": power_iters}  # fmt: skip
         unused = _unused_settings(representation, solver, eigensolver, given)
@@ -146,6 +154,20 @@ class FIPA(Aggregator):
             adaptive_cutoff is None or adaptive_cutoff > 0,
             f"aggregator.adaptive_cutoff must be > 0, got {adaptive_cutoff}",
         )
+        max_local_epochs = DEFAULTS.max_local_epochs if max_local_epochs is None else max_local_epochs
+        if adaptive_epochs is not None:
+            require(adaptive_epochs > 0, f"aggregator.adaptive_epochs must be > 0, got {adaptive_epochs}")
+            require(
+                adaptive_cutoff is not None,
+                "aggregator.adaptive_epochs needs aggregator.adaptive_cutoff: a client's epochs follow the smallest "
+                "eigenvalue that cut-off keeps (FIPA_SPEC 7)",
+            )
+            require(
+                curvature_at == "start",
+                "aggregator.adaptive_epochs needs curvature_at=start: the epochs are chosen from the curvature at "
+                "the broadcast point, before local training",
+            )
+            require(max_local_epochs >= 1, f"aggregator.max_local_epochs must be >= 1, got {max_local_epochs}")
         require(rank is None or rank >= 1, f"aggregator.rank must be >= 1 or null (full rank), got {rank}")
         require(step_size > 0, f"aggregator.step_size must be > 0, got {step_size}")
         require(solver in SOLVERS, f"aggregator.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -194,7 +216,10 @@ class FIPA(Aggregator):
             *(("damping",) if solver == "anchored" else ()),
             *(("step_rejected",) if self.adaptive_damping else ()),
             *(("cutoff_mean",) if adaptive_cutoff else ()),
+            *(("local_epochs_mean",) if adaptive_epochs else ()),
         )  # fmt: skip
+        self.adaptive_epochs = adaptive_epochs
+        self._gradient_sum_norm: float | None = None  # last round's ||sum_m g_m||, told to the clients
         self._nu = self.damping  # the relative damping in force (adapted by the LM rule, saved with checkpoints)
         self._accepted: dict | None = None  # the trust region's last accepted point, its problem and its losses
         self._round = 0
@@ -211,6 +236,9 @@ class FIPA(Aggregator):
             freeze_others=others == "freeze",
             seed=seed,
             probe=tuple(s for s in ("start_loss", "gradient") if s in probe),
+            adaptive_epochs=None
+            if adaptive_epochs is None
+            else (float(adaptive_cutoff or 0.0), float(adaptive_epochs), int(max_local_epochs)),
         )
 
     def client_callbacks(self) -> list[ClientCallback]:
@@ -229,6 +257,11 @@ class FIPA(Aggregator):
     def begin_round(self, round_idx: int) -> None:
         self._round = round_idx
 
+    def round_state(self) -> dict | None:
+        # adaptive epochs: the clients' cut-off needs ||sum_m g_m||, known only once they have uploaded; they get the
+        # last round's (None in the first: each then uses its own ||g_m||)
+        return {"gradient_sum_norm": self._gradient_sum_norm} if self.adaptive_epochs else None
+
     def reset(self, global_params: Tensor) -> None:
         self.mask = self.mask.to(global_params.device)  # the server's device (a no-op after the first round)
         self._global = global_params
@@ -246,12 +279,15 @@ class FIPA(Aggregator):
         self._gradient_norms: list[float] = []
         self._gradient_sum = torch.zeros_like(self._rhs) if self.adaptive_cutoff else None
         self._extra: dict[str, float] = {}
+        self._local_epochs: list[float] = []
 
     def update(self, update: ClientUpdate) -> None:
         n = update.num_samples
         delta = update.delta if self.all_selected else update.delta[self.mask]
         self._total += n
         AF.accumulate_weighted(self._update_sum, update.delta, n)
+        if "local_epochs" in update.metrics:
+            self._local_epochs.append(update.metrics["local_epochs"])
         if "start_loss" in update.statistics:
             self._losses[update.client_id] = (float(update.statistics["start_loss"]), n)
         if self.representation == "diagonal":
@@ -367,15 +403,15 @@ class FIPA(Aggregator):
         thr_m = clip(C / (k (||g_m|| + ||sum_m g_m|| + 1e-12)), 0, 0.99) at round k; b is formed from the kept parts."""
         assert self._gradient_sum is not None and self.adaptive_cutoff is not None
         total_norm = float(self._gradient_sum.norm())
+        self._gradient_sum_norm = total_norm
+        if self._local_epochs:
+            self._extra["local_epochs_mean"] = sum(self._local_epochs) / len(self._local_epochs)
         cutoffs = []
         for m, (U, lam, c, n) in enumerate(
             zip(self._eigenvectors, self._eigenvalues, self._coefficients, self._counts)
         ):
-            threshold = min(
-                max(self.adaptive_cutoff / (max(self._round, 1) * (self._gradient_norms[m] + total_norm + 1e-12)), 0.0),
-                0.99,
-            )
-            keep = lam > threshold * lam.max() if lam.numel() else lam > 0
+            threshold = relative_cutoff(self.adaptive_cutoff, self._round, self._gradient_norms[m], total_norm)
+            keep = kept_by_cutoff(lam, threshold)
             self._eigenvectors[m], self._eigenvalues[m] = U[:, keep], lam[keep]
             self._rhs += U[:, keep] @ (c[keep] * lam[keep] * n)
             cutoffs.append(threshold)
@@ -383,10 +419,11 @@ class FIPA(Aggregator):
 
     def state_dict(self) -> dict:
         accepted = None if self._accepted is None else {**self._accepted, "F": self._accepted["F"].contiguous()}
-        return {"damping": self._nu, "accepted": accepted}
+        return {"damping": self._nu, "accepted": accepted, "gradient_sum_norm": self._gradient_sum_norm}
 
     def load_state_dict(self, state: dict) -> None:
         self._nu = float(state.get("damping", self.damping))
+        self._gradient_sum_norm = state.get("gradient_sum_norm")
         accepted = state.get("accepted")
         if accepted is not None:  # the solves factorise F in place: keep it column-major, as stack_scaled_factors does
             accepted = {**accepted, "F": accepted["F"].T.contiguous().T, "losses": dict(accepted["losses"])}

@@ -10,9 +10,11 @@ import torch
 from lightning import LightningModule, Trainer
 from torch import Tensor
 
-from fipa.client import ClientCallback, client_model
+from fipa.client import ClientCallback, client_model, set_local_epochs
+from fipa.curvature.adaptive import adaptive_local_epochs, kept_by_cutoff, relative_cutoff
 from fipa.curvature.eigen import LowRankCurvature, randomized_eigenpairs, top_eigenpairs_from_rows
 from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows, subsample_groups
+from fipa.errors import require
 from fipa.seeding import CURVATURE, torch_generator
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class CurvatureCallback(ClientCallback):
         freeze_others: bool = False,
         seed: int = 0,
         probe: tuple[str, ...] = (),
+        adaptive_epochs: tuple[float, float, int] | None = None,
     ):
         self.rank = rank
         self.estimator = estimator
@@ -107,6 +110,14 @@ class CurvatureCallback(ClientCallback):
         # what else the server asks about the broadcast point: "start_loss" (the client's loss on its data) and
         # "gradient" (that loss's gradient w.r.t. the selected parameters, J^T r / N for MSE)
         self.probe = tuple(probe)
+        # the authors' adaptive local epochs (FIPA_SPEC 7): (cut-off constant C, epochs constant C_tau, cap); the
+        # epochs are chosen at the broadcast point from the curvature and the gradient there (probed)
+        self.adaptive_epochs = adaptive_epochs
+        if adaptive_epochs is not None:
+            require(at == "start", "adaptive local epochs need the curvature at the broadcast point (at='start')")
+            self.probe = tuple(dict.fromkeys((*self.probe, "gradient")))
+        self._round_state: dict | None = None
+        self._local_epochs: int | None = None
         self._warned_rank = False
         self._reset()
 
@@ -122,6 +133,9 @@ class CurvatureCallback(ClientCallback):
     def needs_epochs(self) -> bool:
         return self.at == "epoch_end"  # at the broadcast point, nothing happens per epoch
 
+    def begin_client(self, client_id: int, round_state, client_state) -> None:
+        self._round_state = round_state  # FIPA.round_state: last round's ||sum_m g_m|| for the adaptive epochs
+
     # Lightning hooks ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
@@ -136,6 +150,8 @@ class CurvatureCallback(ClientCallback):
             self._probe(pl_module)
         if self.at == "start":
             self._measure(pl_module)
+        if self.adaptive_epochs is not None:
+            self._choose_local_epochs(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at == "epoch_end":
@@ -160,7 +176,26 @@ class CurvatureCallback(ClientCallback):
         metrics = {"curvature_s": self._seconds}
         if self._lowrank is not None:
             metrics["curvature_rank"] = float(self._lowrank.rank)
+        if self._local_epochs is not None:
+            metrics["local_epochs"] = float(self._local_epochs)
         return metrics
+
+    def _choose_local_epochs(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """tau_m from the client's kept spectrum and gradient norm (fipa.curvature.adaptive), set for this fit."""
+        assert self.adaptive_epochs is not None and self._lowrank is not None
+        cutoff_coef, epochs_coef, cap = self.adaptive_epochs
+        round_idx = getattr(pl_module, "round_idx", 1)
+        gradient_norm = float(self._probed["gradient"].norm())
+        total_norm = (self._round_state or {}).get("gradient_sum_norm")
+        cutoff = relative_cutoff(
+            cutoff_coef, round_idx, gradient_norm, gradient_norm if total_norm is None else total_norm
+        )
+        eigenvalues = self._lowrank.eigenvalues
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self._local_epochs = adaptive_local_epochs(
+            eigenvalues[kept_by_cutoff(eigenvalues, cutoff)], gradient_norm, round_idx, lr, epochs_coef, cap
+        )
+        set_local_epochs(trainer, pl_module, self._local_epochs)
 
     # The measurement ------------------------------------------------------------------------------------
     def _selected_names(self, pl_module) -> list[str]:
