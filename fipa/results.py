@@ -360,22 +360,71 @@ def tidy_rows(runs: Sequence[Run], metric: str) -> list[dict[str, Any]]:
     ]
 
 
-def arm_table(runs: Sequence[Run], metric: str) -> list[dict[str, Any]]:
-    """One row per arm: its settings, the number of seeds, the metric's statistics over seeds, median rounds."""
-    keys = sorted({k for s in run_settings(runs) for k in s})
+def arm_table(
+    runs: Sequence[Run], metric: str, stall_above: float | None = None, baseline: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per arm: its settings, the number of seeds, the metric's statistics over seeds, median rounds.
+
+    `stall_above`: also the number of seeds whose final value is above it (or not finite). `baseline` ("key=value",
+    e.g. "aggregator=fedavg"): also the worst ratio metric / baseline's metric at any round of any seed, against the
+    baseline run of the same seed and otherwise the same settings (see `baseline_runs`)."""
+    settings = run_settings(runs)
+    keys = sorted({k for s in settings for k in s})
+    baselines = baseline_runs(runs, settings, baseline) if baseline else {}
     table = []
     for arm in group_arms(runs):
-        stats = seed_stats([final_value(run, metric) for run in arm.runs])
+        finals = [final_value(run, metric) for run in arm.runs]
+        stats = seed_stats(finals)
         rounds = [(run.summary or {}).get("rounds_completed", len(run.metrics)) for run in arm.runs]
-        table.append(
-            {
-                **({k: arm.settings.get(k, "") for k in keys} if keys else {"arm": arm.label}),
-                "seeds": len(arm.runs),
-                **{f"{metric}_{name}": stats[name] for name in ("mean", "std", "median", "min", "max")},
-                "rounds_median": statistics.median(rounds),
-            }
-        )
+        row = {
+            **({k: arm.settings.get(k, "") for k in keys} if keys else {"arm": arm.label}),
+            "seeds": len(arm.runs),
+            **{f"{metric}_{name}": stats[name] for name in ("mean", "std", "median", "min", "max")},
+            "rounds_median": statistics.median(rounds),
+        }
+        if stall_above is not None:
+            row["stalled"] = stalled_count(finals, stall_above)
+        if baseline:
+            ratios = [worst_ratio(run, baselines[id(run)], metric) for run in arm.runs if id(run) in baselines]
+            row["worst_ratio_to_baseline"] = max(ratios) if ratios else math.nan
+        table.append(row)
     return table
+
+
+def stalled_count(finals: Sequence[float], threshold: float) -> int:
+    """Seeds whose final value is above `threshold` or not finite (a diverged run has stalled too)."""
+    return sum(1 for v in finals if not (math.isfinite(v) and v <= threshold))
+
+
+def baseline_runs(runs: Sequence[Run], settings: Sequence[dict[str, str]], baseline: str) -> dict[int, Run]:
+    """For each run that is not a baseline run, by id(): the baseline run ("key=value" among its settings) of the same
+    seed whose settings agree on every key outside the baseline key's group (e.g. "aggregator" and "aggregator.*"
+    for "aggregator=fedavg": the rule's own settings differ, the experiment must not)."""
+    key, _, value = baseline.partition("=")
+    require(bool(key) and bool(value), f"--baseline must be key=value (e.g. aggregator=fedavg), got {baseline!r}")
+    group = key.split(".")[0]
+
+    def shared(s: dict[str, str]) -> tuple:
+        return tuple(sorted((k, v) for k, v in s.items() if k.split(".")[0].split("=")[0] != group))
+
+    def is_baseline(s: dict[str, str]) -> bool:
+        return s.get(key, "").lower() == value.lower()  # class names show lower-case, as on the command line
+
+    index = {(seed_of(r), shared(s)): r for r, s in zip(runs, settings) if is_baseline(s)}
+    require(bool(index), f"--baseline {baseline}: no run has {key}={value}")
+    return {
+        id(r): index[(seed_of(r), shared(s))]
+        for r, s in zip(runs, settings)
+        if not is_baseline(s) and (seed_of(r), shared(s)) in index
+    }
+
+
+def worst_ratio(run: Run, baseline: Run, metric: str) -> float:
+    """max over the rounds both runs evaluated of run's metric / baseline's: above 1 where the run was behind."""
+    ours = dict(zip(*series(run, metric)))
+    theirs = dict(zip(*series(baseline, metric)))
+    ratios = [ours[r] / theirs[r] for r in ours.keys() & theirs.keys() if theirs[r] > 0]
+    return max(ratios) if ratios else math.nan
 
 
 def filled(settings: list[dict[str, str]]) -> list[dict[str, str]]:

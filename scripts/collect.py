@@ -3,6 +3,8 @@
 
     python scripts/collect.py multirun/2026-11-24/10-00-00                       # the runs' headline metric
     python scripts/collect.py results/pinn --metric test_max_abs --out results/pinn/max_abs
+    python scripts/collect.py results/robust --stall 1e-2 --baseline aggregator=fedavg   # seeds that stall, worst
+                                                                                         # ratio to FedAvg at any round
 
 Any directory below the sweep holding metrics.csv, summary.json or .hydra/overrides.yaml is a run (Hydra multirun
 jobs, scripts/pinn_table.py and image_table.py trees, single runs). Runs that differ only by seed form an arm: Hydra
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="a sweep directory (or a single run)")
     parser.add_argument("--metric", default=None, help="default: the runs' headline metric (summary.json 'metric')")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default: <sweep>/results)")
+    parser.add_argument("--stall", type=float, default=None, metavar="T",
+                        help="add the number of seeds whose final metric is above T (e.g. 1e-2)")
+    parser.add_argument("--baseline", default=None, metavar="KEY=VALUE",
+                        help="add each arm's worst ratio to the baseline arm at any round of any seed, e.g. "
+                             "aggregator=fedavg (paired by seed and the settings outside the key's group)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         parser.exit(2, f"collect: {args.sweep} is not a directory\n")
@@ -49,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collect: missing: {run.dir}: no {metric} in this run", file=sys.stderr)
     done = [r for r in done if has_value(r, metric)]
 
-    rows, table = tidy_rows(done, metric), arm_table(done, metric)
+    try:
+        rows, table = tidy_rows(done, metric), arm_table(done, metric, args.stall, args.baseline)
+    except ConfigError as error:
+        parser.exit(2, f"collect: {error}\n")
     for row in (r for r in rows if not math.isfinite(r[metric])):
         print(f"collect: {row['dir']}: {metric} is not finite (left out of the statistics)", file=sys.stderr)
     out = args.out or args.sweep / "results"

@@ -146,6 +146,26 @@ def test_collect_rows_and_table_match_the_summaries(sweep, tmp_path):
         assert float(t["rounds_median"]) == 3
 
 
+def test_collect_counts_stalled_seeds_and_the_worst_ratio_to_a_baseline_at_any_round(sweep, tmp_path):
+    threshold = statistics.median(s["test_mse"] for s in summaries(sweep).values())
+    result = script("collect.py", sweep, "--out", tmp_path / "res", "--stall", threshold, "--baseline",
+                    "aggregator=FedAvg")  # fmt: skip (case-insensitive)
+    assert result.returncode == 0, result.stderr
+    table = {t["aggregator"]: t for t in markdown_rows((tmp_path / "res.md").read_text())}
+    for aggregator in AGGREGATORS:
+        finals = [json.loads((sweep / aggregator / f"seed{s}" / "summary.json").read_text())["test_mse"] for s in SEEDS]
+        assert int(table[aggregator]["stalled"]) == sum(v > threshold for v in finals)
+    worst = 0.0
+    for seed in SEEDS:  # by hand from the two metrics.csv files, round by round
+        curves = [{int(r["round"]): float(r["test_mse"]) for r in csv.DictReader((sweep / a / f"seed{seed}" /
+                   "metrics.csv").open())} for a in ("fipa", "fedavg")]  # fmt: skip
+        worst = max(worst, *(curves[0][r] / curves[1][r] for r in curves[0]))
+    assert float(table["fipa"]["worst_ratio_to_baseline"]) == pytest.approx(worst, rel=1e-3)
+    assert table["fedavg"]["worst_ratio_to_baseline"] == "nan"  # the baseline itself
+    bad = script("collect.py", sweep, "--out", tmp_path / "bad", "--baseline", "aggregator=fednova")
+    assert bad.returncode == 2 and "no run has aggregator=fednova" in bad.stderr
+
+
 def test_collect_partial_sweep_lists_the_missing_runs_and_tabulates_the_rest(hydra_sweep):
     (hydra_sweep / "3/summary.json").unlink()  # fipa seed 1: still running or crashed
     summary = json.loads((hydra_sweep / "1/summary.json").read_text())
