@@ -108,3 +108,9 @@ def test_bench_pinn_runs_and_prints_ratios(capsys):
     assert_ratios(printed, ["loop_ratio_poisson_1d", "loop_ratio_compiled_poisson_1d", "ratio_poisson_1d",
                             "ratio_poisson_5d", "peak_rss_gib_poisson_5d_fipa", "laplacian_speedup_poisson_3d"])
     assert 0.1 < printed["peak_rss_gib_poisson_5d_fipa"] < 8
+
+
+def test_bench_round_times_runs_and_prints_each_arms_round_time(capsys):
+    # the eager arm only: compilation (tests/test_local_steps.py) and Ray start-up would cost a minute here
+    _, printed = run_benchmark("bench_round_times.py", ["--tau", "2", "--rounds", "2", "--arms", "sequential-eager"], capsys)
+    assert_ratios(printed, ["round_s_sequential_eager"])
