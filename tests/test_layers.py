@@ -16,9 +16,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fipa"
 
 LAYERS = [
     {"fipa", "fipa.errors", "fipa.seeding", "fipa.parameters", "fipa.data", "fipa.datasets", "fipa.partition",
-     "fipa.aggregators.functional", "fipa.curvature.eigen", "fipa.curvature.ggn", "fipa.curvature", "fipa.pde",
-     "fipa.pde.operators", "fipa.pde.problems", "fipa.models", "fipa.models.cnn", "fipa.models.mlp",
-     "fipa.models.resnet", "fipa.results", "fipa.plotting", "fipa.config", "fipa.recorders", "fipa.local_steps"},
+     "fipa.aggregators.functional", "fipa.curvature.adaptive", "fipa.curvature.eigen", "fipa.curvature.ggn",
+     "fipa.curvature", "fipa.pde", "fipa.pde.operators", "fipa.pde.problems", "fipa.models", "fipa.models.cnn",
+     "fipa.models.mlp", "fipa.models.resnet", "fipa.results", "fipa.plotting", "fipa.config", "fipa.recorders",
+     "fipa.local_steps"},
     {"fipa.client"},
     {"fipa.client_methods", "fipa.curvature.callback", "fipa.tasks", "fipa.tasks.base", "fipa.tasks.regression",
      "fipa.tasks.pinn", "fipa.tasks.classification", "fipa.tasks.image"},
