@@ -30,8 +30,9 @@ import yaml
 from fipa.errors import ConfigError, require
 
 RUN_MARKERS = ("metrics.csv", "summary.json", ".hydra/overrides.yaml")
-# Config keys that never define an arm: the seed (whatever node it is copied into) and where things are stored.
-IGNORED_LEAVES = {"seed", "init_from", "output_dir", "data_dir", "root", "dir", "path"}
+# Config keys that never define an arm: the seed (whatever node it is copied into), where things are stored, and
+# how often a run checkpoints (a resumed run ends as the uninterrupted one).
+IGNORED_LEAVES = {"seed", "init_from", "output_dir", "data_dir", "root", "dir", "path", "checkpoint_every"}
 MISSING = "<missing>"
 PREDICTION_KEYS = {"x", "target", "prediction", "region_lo", "region_hi"}  # fipa.plotting.save_predictions
 

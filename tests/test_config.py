@@ -180,7 +180,7 @@ def test_cli_invalid_value_is_one_clear_line(tmp_path):
 PHASE_AFTER = {"phase_fedavg": "fedavg", "phase_fedavg_lr01": "fedavg", "phase_fipa": "fipa_damped",
                "phase_fipa_lastlayer": "fipa_lastlayer"}
 VARIANT_AGGREGATORS = {"fedavg": "FedAvg", "fedavg_10x": "FedAvg", "fedavg_tau1000": "FedAvg", "fipa": "FIPA", "fipa_full": "FIPA",
-                       "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA"}  # fmt: skip
+                       "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA", "fipa_robust": "FIPA"}  # fmt: skip
 
 
 def sweep_jobs(sweep: str) -> tuple[list[list[str]], object]:

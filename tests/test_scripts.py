@@ -264,3 +264,12 @@ def test_switch_round_is_found_and_placed_on_both_axes(sweep, tmp_path):
     assert len(done) == 2 and problems == []
     plot_learning_curves(done, "test_mse", tmp_path / "curves.png")
     assert_png(tmp_path / "curves.png")
+
+
+def test_how_often_a_run_checkpoints_does_not_define_an_arm():
+    from fipa.results import settings_from_configs
+
+    configs = [{"federation": {"checkpoint_every": 20, "rounds": 3}}, {"federation": {"checkpoint_every": None, "rounds": 3}},
+               {"federation": {"checkpoint_every": None, "rounds": 5}}]  # fmt: skip
+    assert settings_from_configs(configs) == [{"federation.rounds": "3"}, {"federation.rounds": "3"},
+                                              {"federation.rounds": "5"}]  # fmt: skip
