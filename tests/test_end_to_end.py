@@ -4,6 +4,8 @@ import csv
 import json
 import math
 
+import time
+
 import pytest
 
 from conftest import fipa_cli
@@ -98,8 +100,13 @@ def test_wandb_logger_writes_an_offline_run_with_every_round_and_the_fipa_diagno
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (log_file,) = runs[0].glob("run-*.wandb")  # the run's event log (protobuf records), what `wandb sync` uploads
-    log = log_file.read_bytes()
     columns = list(read_rows(tmp_path / "metrics.csv")[0])
+    # wandb's service process writes the log behind run.finish(); on a loaded machine the records can land a moment
+    # after it returns, so wait (bounded) for the last column's records before reading
+    deadline = time.monotonic() + 60
+    while log_file.read_bytes().count(columns[-1].encode()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = log_file.read_bytes()
     for column in ("test_mse", "effective_rank_mean", "eigenvalue_min", "update_in_subspace_mean", "bytes_up_eigenvectors"):
         assert column in columns
     for column in columns:  # every metrics.csv column is logged once per round (plus the summary)
