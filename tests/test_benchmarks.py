@@ -114,3 +114,10 @@ def test_bench_round_times_runs_and_prints_each_arms_round_time(capsys):
     # the eager arm only: compilation (tests/test_local_steps.py) and Ray start-up would cost a minute here
     _, printed = run_benchmark("bench_round_times.py", ["--tau", "2", "--rounds", "2", "--arms", "sequential-eager"], capsys)
     assert_ratios(printed, ["round_s_sequential_eager"])
+
+
+@pytest.mark.slow  # compiles four graphs (~30 s)
+def test_bench_compile_modes_runs_and_prints_ratios(capsys):
+    ratios, printed = run_benchmark("bench_compile_modes.py", ["--steps", "5", "--repeats", "1"], capsys)
+    assert_ratios(printed, ["ratio_compiled_model", "ratio_compiled_loss", "ratio_compiled_step"])
+    assert set(printed) == set(ratios)
