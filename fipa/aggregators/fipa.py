@@ -404,8 +404,6 @@ class FIPA(Aggregator):
         assert self._gradient_sum is not None and self.adaptive_cutoff is not None
         total_norm = float(self._gradient_sum.norm())
         self._gradient_sum_norm = total_norm
-        if self._local_epochs:
-            self._extra["local_epochs_mean"] = sum(self._local_epochs) / len(self._local_epochs)
         cutoffs = []
         for m, (U, lam, c, n) in enumerate(
             zip(self._eigenvectors, self._eigenvalues, self._coefficients, self._counts)
@@ -444,4 +442,5 @@ class FIPA(Aggregator):
             else float("nan"),
             "update_in_subspace_min": min(self._in_subspace) if self._in_subspace else float("nan"),
             **{key: self._extra.get(key, float("nan")) for key in self.diagnostic_keys if key not in DIAGNOSTICS},
+            **({"local_epochs_mean": sum(self._local_epochs) / len(self._local_epochs)} if self._local_epochs else {}),
         }

@@ -411,12 +411,12 @@ def lowrank_pinv_solve(F: Tensor, b: Tensor, rcond: float = 1e-5, *, overwrite_f
 
 
 def _kept(sub: _ImplicitSubspace, rcond: float) -> Tensor:
-    """The eigenvectors of K (columns) whose eigenvalues of H the pinv solve keeps (above rcond x the largest)."""
-    return sub.evecs[:, sub.evals > rcond * sub.evals.max()]  # none when H == 0
+    """The mask of the eigenvalues of H the pinv solve keeps (above rcond x the largest; none when H == 0)."""
+    return sub.evals > rcond * sub.evals.max()
 
 
 def _pinv_in(sub: _ImplicitSubspace, b: Tensor, rcond: float) -> Tensor:
-    keep = sub.evals > rcond * sub.evals.max()
+    keep = _kept(sub, rcond)
     if not bool(keep.any()):
         return torch.zeros_like(b)
     Vk = sub.evecs[:, keep]
@@ -436,7 +436,7 @@ def lowrank_pinv_solve_with_complement(
     if min(F.shape) == 0:
         return torch.zeros_like(b), v.clone()
     sub = _ImplicitSubspace(F, overwrite_factor)
-    Vk = _kept(sub, rcond)
+    Vk = sub.evecs[:, _kept(sub, rcond)]
     inside = sub.lift(Vk @ (Vk.T @ sub.project(v)), v.dtype)
     return _pinv_in(sub, b, rcond), v - inside
 
