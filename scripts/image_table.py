@@ -8,6 +8,8 @@ branched from that checkpoint, one run per variant:
     fedavg_lr01      FedAvg with the FIPA phase's client learning rate x0.1 (separates the lr cut from FIPA)
     fipa             full-model FIPA, damped solve (aggregator=fipa_damped), client lr x0.1
     fipa_lastlayer   last-layer FIPA (r 10, s 10, q 2, beta 0.01, gamma 1), other layers frozen, client lr x0.1
+    fipa_robust      full-model robust FIPA (aggregator=fipa_robust: the FedAvg-anchored solve), client lr x0.1
+    fipa_lastlayer_robust  last-layer FIPA with the FedAvg-anchored solve (aggregator=fipa_lastlayer_robust)
 
     python scripts/image_table.py --seeds 0 1 2 --out results/image
     python scripts/image_table.py --clients fedprox scaffold --variants fedavg fipa_lastlayer --out results/image
@@ -40,12 +42,17 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedavg_lr01": ["schedule.after=fedavg"],
     "fipa": ["schedule.after=fipa_damped"],
     "fipa_lastlayer": ["schedule.after=fipa_lastlayer"],
+    "fipa_robust": ["schedule.after=fipa_robust"],
+    "fipa_lastlayer_robust": ["schedule.after=fipa_lastlayer_robust"],
 }
+# Warm-ups and the branches' first phase are FedAvg, whatever train.yaml's default aggregator is (bare fipa-train
+# runs FIPA); the branch phase is chosen by schedule.after.
+WARMUP = ["aggregator=fedavg"]
 
 
 def warmup_overrides(args, client: str, seed: int) -> list[str]:
     return [
-        f"experiment={args.experiment}", f"client={client}", f"seed={seed}",
+        f"experiment={args.experiment}", *WARMUP, f"client={client}", f"seed={seed}",
         f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.warmup}", *args.override,
     ]
 
@@ -53,7 +60,7 @@ def warmup_overrides(args, client: str, seed: int) -> list[str]:
 def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path) -> list[str]:
     switch = [f"schedule.switch_round={args.warmup}"] if VARIANTS[variant] else []
     return [
-        f"experiment={args.experiment}", f"client={client}", f"seed={seed}", f"init_from={checkpoint}",
+        f"experiment={args.experiment}", *WARMUP, f"client={client}", f"seed={seed}", f"init_from={checkpoint}",
         f"federation.rounds={args.warmup + args.phase}", *switch, *VARIANTS[variant], *args.override,
     ]
 

@@ -37,7 +37,7 @@ def test_the_default_run_is_fipa_on_regression_1d_m4():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option, tmp_path):
     sizes = TASK_SIZES[option] if group == "task" else TINY
-    if option in ("fipa_lastlayer", "phase_fipa_lastlayer"):
+    if option in ("fipa_lastlayer", "fipa_lastlayer_robust", "phase_fipa_lastlayer"):
         sizes = [*sizes, "+preset.last_layer=6.*"]  # the regression MLP's last layer (the default glob is ResNet's fc.*)
     cfg = compose_config(*sizes, f"{group}={option}")
     if group == "variant" and option.startswith("phase_"):  # the image arms branch at a switch round

@@ -130,6 +130,27 @@ def test_adaptive_damping_stays_within_its_bounds():
     assert nus[-1] == 1e4
 
 
+def test_the_damping_schedule_starts_near_fedavg_and_decays_to_its_floor():
+    agg = FIPA(rank=None, solver="anchored", damping=1e-3, damping_start=0.1, damping_decay=0.25, step_size=0.5)
+    nus, outputs, problems = run_rounds(agg, [[1.0, 1.0]] * 6)
+    assert nus == pytest.approx([0.1, 0.025, 0.00625, 0.0015625, 1e-3, 1e-3])  # 0.1 x 0.25^k, floored at `damping`
+    for output, problem, nu in zip(outputs, problems, nus):  # each round is the dense LM step at its damping
+        torch.testing.assert_close(output, anchored_from(problem, nu, 0.5), rtol=1e-8, atol=1e-10)
+    start, *_, fedavg = problems[0]
+    huge = FIPA(rank=None, solver="anchored", damping=1e-3, damping_start=1e4, step_size=1.0)
+    first, *_ = run_rounds(huge, [[1.0, 1.0]])[1]  # mu -> inf: the first round is FedAvg's step
+    assert float((first - start - fedavg).norm()) < 1e-3 * float(fedavg.norm())
+
+
+def test_the_damping_schedule_resumes_where_it_stopped():
+    make = lambda: FIPA(rank=None, solver="anchored", damping=1e-3, damping_start=0.1, damping_decay=0.5)
+    agg = make()
+    run_rounds(agg, [[1.0, 1.0]] * 2)
+    resumed = make()
+    resumed.load_state_dict(agg.state_dict())
+    assert run_rounds(resumed, [[1.0, 1.0]])[0] == pytest.approx([0.025])
+
+
 def test_the_authors_cutoff_keeps_each_clients_eigenpairs_above_its_threshold():
     p, C, k = 7, 3.0, 2
     updates, *_ = clients(ranks=(3, 3), gradients=True)
@@ -164,6 +185,12 @@ def test_the_authors_cutoff_keeps_each_clients_eigenpairs_above_its_threshold():
         ({"solver": "anchored", "damping": 0.0}, "aggregator.damping must be in"),
         ({"solver": "anchored", "adaptive_damping": True, "damping_factor": 1.0}, "damping_factor must be > 1"),
         ({"complement_step": -1.0}, "complement_step must be >= 0"),
+        ({"solver": "anchored", "damping_decay": 0.5}, "damping_decay=0.5 has no effect with damping_start unset"),
+        ({"solver": "anchored", "damping": 1e-2, "damping_start": 1e-3}, "damping_start must be in"),
+        ({"solver": "anchored", "damping_start": 1.0, "damping_decay": 1.0}, "damping_decay must be in"),
+        ({"solver": "anchored", "damping_start": 1.0, "adaptive_damping": True, "damping_decay": 0.5},
+         "damping_decay=0.5 has no effect with adaptive_damping"),
+        ({"damping_start": 1.0}, "damping_start=1.0 has no effect with solver=pinv"),
         ({"adaptive_epochs": 0.1}, "adaptive_epochs needs aggregator.adaptive_cutoff"),
         ({"adaptive_epochs": 0.1, "adaptive_cutoff": 1.0, "curvature_at": "epoch_end"}, "needs curvature_at=start"),
         ({"max_local_epochs": 50}, "max_local_epochs=50 has no effect with adaptive_epochs unset"),

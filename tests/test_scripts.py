@@ -7,7 +7,9 @@ and messages are the ones a user sees.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib.util
 import json
 import math
 import shutil
@@ -273,3 +275,26 @@ def test_how_often_a_run_checkpoints_does_not_define_an_arm():
                {"federation": {"checkpoint_every": None, "rounds": 5}}]  # fmt: skip
     assert settings_from_configs(configs) == [{"federation.rounds": "3"}, {"federation.rounds": "3"},
                                               {"federation.rounds": "5"}]  # fmt: skip
+
+
+def _image_table():
+    spec = importlib.util.spec_from_file_location("image_table", REPO / "scripts" / "image_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["warmup", "fedavg", "fedavg_lr01", "fipa_lastlayer", "fipa_lastlayer_robust"])
+def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggregator(variant):
+    from fipa.config import compose
+
+    table = _image_table()
+    args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[])
+    if variant == "warmup":
+        overrides = table.warmup_overrides(args, "plain", 0)
+    else:
+        overrides = table.branch_overrides(args, "plain", variant, 0, Path("/nowhere/round_100.pt"))
+    cfg = compose(overrides)
+    assert cfg.aggregator._target_.endswith("FedAvg")  # bare fipa-train's default is FIPA
+    after = {"warmup": None, "fedavg": None, "fedavg_lr01": "fedavg"}.get(variant, variant)
+    assert cfg.schedule.after == after

@@ -54,12 +54,13 @@ class ModeDefaults:
     damping: float = 1e-3  # anchored: mu relative to the largest eigenvalue of H
     max_local_epochs: int = 200  # adaptive_epochs: the authors' cap
     damping_factor: float = 3.0  # anchored, adaptive: nu x f after a round whose step raised the clients' loss, / f after one that lowered it
+    damping_decay: float = 0.5  # anchored, with damping_start: nu x this after every round, down to `damping`
 
 
 DEFAULTS = ModeDefaults()
 
 
-LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor")
+LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor", "damping_start", "damping_decay")
 
 
 def _unused_settings(representation: str, solver: str | None, eigensolver: str | None, given: dict) -> dict[str, str]:
@@ -82,6 +83,10 @@ def _unused_settings(representation: str, solver: str | None, eigensolver: str |
             unused.update(beta="solver=anchored", gamma="solver=anchored", complement_step="solver=anchored")
         else:
             unused.update(dict.fromkeys(LM_SETTINGS, f"solver={solver}"))
+        if given["damping_start"] is None:
+            unused.setdefault("damping_decay", "damping_start unset")
+        if given["adaptive_damping"]:  # the LM rule moves the damping itself; damping_start is where it begins
+            unused.setdefault("damping_decay", "adaptive_damping")
         if eigensolver == "exact":  # subspace iteration's settings; `auto` may choose it, so they stay usable there
             unused.update(oversample="eigensolver=exact", power_iters="eigensolver=exact")
     return {name: mode for name, mode in unused.items() if given[name] is not None}
@@ -111,6 +116,8 @@ class FIPA(Aggregator):
         damping: float | None = None,  # anchored: mu relative to the largest eigenvalue of H (1e-3)
         adaptive_damping: bool | None = None,  # anchored: Levenberg-Marquardt rule on the clients' losses (off)
         damping_factor: float | None = None,  # anchored, adaptive: the rule's factor (3)
+        damping_start: float | None = None,  # anchored: the first round's relative damping (off: `damping` throughout)
+        damping_decay: float | None = None,  # anchored, with damping_start: the damping's factor per round (0.5)
         adaptive_cutoff: float | None = None,  # the authors' per-client relative eigenvalue cut-off constant C (off)
         adaptive_epochs: float | None = None,  # the authors' adaptive local epochs: the constant C_tau (off)
         max_local_epochs: int | None = None,  # adaptive_epochs: the cap on a client's epochs (200)
@@ -120,6 +127,7 @@ class FIPA(Aggregator):
             f"aggregator.representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}",
         )
         given = {"complement_step": complement_step, "damping": damping, "damping_factor": damping_factor,
+                 "damping_start": damping_start, "damping_decay": damping_decay,
                  "adaptive_damping": adaptive_damping or None, "adaptive_cutoff": adaptive_cutoff,
                  "adaptive_epochs": adaptive_epochs, "max_local_epochs": max_local_epochs,
                  "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
@@ -150,6 +158,13 @@ class FIPA(Aggregator):
         lo, hi = DAMPING_RANGE
         require(lo <= damping <= hi, f"aggregator.damping must be in [{lo:g}, {hi:g}], got {damping}")
         require(damping_factor > 1, f"aggregator.damping_factor must be > 1, got {damping_factor}")
+        damping_decay = DEFAULTS.damping_decay if damping_decay is None else damping_decay
+        require(0 < damping_decay < 1, f"aggregator.damping_decay must be in (0, 1), got {damping_decay}")
+        if damping_start is not None:
+            require(
+                damping <= damping_start <= hi,
+                f"aggregator.damping_start must be in [damping={damping:g}, {hi:g}], got {damping_start}",
+            )
         require(
             adaptive_cutoff is None or adaptive_cutoff > 0,
             f"aggregator.adaptive_cutoff must be > 0, got {adaptive_cutoff}",
@@ -220,7 +235,10 @@ class FIPA(Aggregator):
         )  # fmt: skip
         self.adaptive_epochs = adaptive_epochs
         self._gradient_sum_norm: float | None = None  # last round's ||sum_m g_m||, told to the clients
-        self._nu = self.damping  # the relative damping in force (adapted by the LM rule, saved with checkpoints)
+        # the relative damping in force: it starts at damping_start and decays to `damping` (a continuation from
+        # FedAvg's step), or is moved by the LM rule; saved with checkpoints
+        self._nu = self.damping if damping_start is None else float(damping_start)
+        self.damping_decay = float(damping_decay) if damping_start is not None and not adaptive_damping else None
         self._accepted: dict | None = None  # the trust region's last accepted point, its problem and its losses
         self._round = 0
         self.curvature = CurvatureCallback(
@@ -340,8 +358,10 @@ class FIPA(Aggregator):
         """solve(H, b) by the chosen solver, and the complement step when asked for."""
         F, b = self._factor_and_rhs()
         if self.solver == "anchored":
-            self._extra["damping"] = self._nu
-            return AF.lowrank_anchored_solve(F, b, fedavg_step, self._nu, relative=True, overwrite_factor=True), None
+            self._extra["damping"] = nu = self._nu
+            if self.damping_decay is not None:
+                self._nu = max(self.damping, nu * self.damping_decay)
+            return AF.lowrank_anchored_solve(F, b, fedavg_step, nu, relative=True, overwrite_factor=True), None
         if not self.complement_step:
             if self.solver == "pinv":
                 return AF.lowrank_pinv_solve(F, b, self.rcond, overwrite_factor=True), None
