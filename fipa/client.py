@@ -136,6 +136,10 @@ class ClientModule(L.LightningModule):
     optimizer); it is rebuilt at every local fit, so the optimizer state starts fresh each round, as the paper does.
     """
 
+    #: Whether `curvature_groups`' output functions are the model itself applied to one sample, so that curvature may
+    #: run the model batched with layer hooks (K-FAC); False for, e.g., PINN residuals built from input derivatives.
+    curvature_outputs_are_model_outputs = False
+
     def __init__(self, model: nn.Module, optimizer):
         super().__init__()
         self.model = model

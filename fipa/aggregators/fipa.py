@@ -16,18 +16,20 @@ from torch import Tensor
 
 from fipa.aggregators import functional as AF
 from fipa.aggregators.base import Aggregator
+from fipa.aggregators.kfac import KFAC_STATISTICS, KFACRound
 from fipa.client import ClientCallback, ClientUpdate
 from fipa.curvature.adaptive import kept_by_cutoff, relative_cutoff
 from fipa.curvature.callback import CurvatureCallback
 from fipa.curvature.eigen import effective_rank
 from fipa.curvature.ggn import ESTIMATORS
+from fipa.curvature.kfac import KFACLayout, kfac_layers
 from fipa.errors import require
 from fipa.parameters import FlatParameters
 
 SOLVERS = ("pinv", "damped", "anchored")
 DAMPING_RANGE = (1e-6, 1e4)  # bounds of the adaptive relative damping nu (mu = nu x the largest eigenvalue of H)
 OTHERS = ("fedavg", "freeze")
-REPRESENTATIONS = ("lowrank", "diagonal")
+REPRESENTATIONS = ("lowrank", "diagonal", "kfac")
 DIAGNOSTICS = (
     "curvature_rank_mean",  # eigenpairs kept per client (at most r; fewer when the spectrum is shorter)
     "effective_rank_mean",  # exp(entropy) of each client's kept spectrum, averaged: the directions that matter
@@ -55,19 +57,29 @@ class ModeDefaults:
     max_local_epochs: int = 200  # adaptive_epochs: the authors' cap
     damping_factor: float = 3.0  # anchored, adaptive: nu x f after a round whose step raised the clients' loss, / f after one that lowered it
     damping_decay: float = 0.5  # anchored, with damping_start: nu x this after every round, down to `damping`
+    cg_tol: float = 1e-8  # kfac: CG stops at ||residual|| <= cg_tol ||rhs|| (per layer)
+    cg_max_iters: int = 1000  # kfac: CG's cap per layer (reported as the diagnostic cg_iterations)
 
 
 DEFAULTS = ModeDefaults()
 
 
 LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor", "damping_start", "damping_decay")
+LOWRANK_SETTINGS = ("rank", "eigensolver", "oversample", "power_iters", "complement_step", "adaptive_cutoff",
+                    "adaptive_epochs", "max_local_epochs")  # fmt: skip
+KFAC_SETTINGS = ("cg_tol", "cg_max_iters")
 
 
 def _unused_settings(representation: str, solver: str | None, eigensolver: str | None, given: dict) -> dict[str, str]:
     """The settings given (not None) that the chosen mode does not use, each with the mode that leaves it unused."""
     unused: dict[str, str] = {}
     solver = solver or DEFAULTS.solver
-    if representation == "diagonal":
+    if representation != "kfac":
+        unused.update(dict.fromkeys(KFAC_SETTINGS, f"representation={representation}"))
+    if representation == "kfac":  # the damped solve only (a pinv of a sum of Kronecker products has no cheap form)
+        for name in (*LOWRANK_SETTINGS, "rcond", *LM_SETTINGS):
+            unused[name] = "representation=kfac"
+    elif representation == "diagonal":
         for name in ("rank", "solver", "eigensolver", "oversample", "power_iters", "beta", "gamma",
                      "complement_step", "adaptive_cutoff", "adaptive_epochs", "max_local_epochs",
                      *LM_SETTINGS):  # fmt: skip
@@ -90,6 +102,19 @@ def _unused_settings(representation: str, solver: str | None, eigensolver: str |
         if eigensolver == "exact":  # subspace iteration's settings; `auto` may choose it, so they stay usable there
             unused.update(oversample="eigensolver=exact", power_iters="eigensolver=exact")
     return {name: mode for name, mode in unused.items() if given[name] is not None}
+
+
+def kfac_layout(flat: FlatParameters, names: list[str]) -> KFACLayout:
+    """The K-FAC layout of the selected parameters `names` of `flat`'s module; a ConfigError when no Linear / Conv2d
+    layer has its weight among them."""
+    layers, _ = kfac_layers(flat.module, names)
+    require(
+        bool(layers),
+        "representation=kfac needs a Linear or Conv2d (groups=1) layer whose weight is among the selected "
+        f"parameters; selected: {', '.join(names)}",
+    )
+    shapes = dict(flat.module.named_parameters())
+    return KFACLayout(layers, names, [shapes[name].shape for name in names])
 
 
 class FIPA(Aggregator):
@@ -121,6 +146,8 @@ class FIPA(Aggregator):
         adaptive_cutoff: float | None = None,  # the authors' per-client relative eigenvalue cut-off constant C (off)
         adaptive_epochs: float | None = None,  # the authors' adaptive local epochs: the constant C_tau (off)
         max_local_epochs: int | None = None,  # adaptive_epochs: the cap on a client's epochs (200)
+        cg_tol: float | None = None,  # kfac: CG's relative residual tolerance (1e-8)
+        cg_max_iters: int | None = None,  # kfac: CG's iteration cap per layer (1000)
     ):
         require(
             representation in REPRESENTATIONS,
@@ -131,14 +158,28 @@ class FIPA(Aggregator):
                  "adaptive_damping": adaptive_damping or None, "adaptive_cutoff": adaptive_cutoff,
                  "adaptive_epochs": adaptive_epochs, "max_local_epochs": max_local_epochs,
                  "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
-                 "oversample": oversample, "power_iters": power_iters}  # fmt: skip
+                 "oversample": oversample, "power_iters": power_iters, "cg_tol": cg_tol,
+                 "cg_max_iters": cg_max_iters}  # fmt: skip
         unused = _unused_settings(representation, solver, eigensolver, given)
         require(
             not unused,
             "; ".join(f"aggregator.{name}={given[name]} has no effect with {mode}" for name, mode in unused.items())
             + ": leave it unset (null) or choose the mode that uses it"
-            + (" (aggregator=fipa_diag is the diagonal with its settings)" if representation == "diagonal" else ""),
+            + (" (aggregator=fipa_diag is the diagonal with its settings)" if representation == "diagonal" else "")
+            + (" (aggregator=fipa_kfac is K-FAC with its settings)" if representation == "kfac" else ""),
         )
+        if representation == "kfac":
+            require(
+                solver in (None, "damped"),
+                f"aggregator.solver={solver} is not available with representation=kfac: its server solve is the "
+                "damped gamma * beta * (H + beta I)^-1 b (CG on Kronecker products); use solver=damped or null",
+            )
+            solver = "damped"
+        cg_tol = DEFAULTS.cg_tol if cg_tol is None else cg_tol
+        cg_max_iters = DEFAULTS.cg_max_iters if cg_max_iters is None else cg_max_iters
+        require(cg_tol > 0, f"aggregator.cg_tol must be > 0, got {cg_tol}")
+        require(cg_max_iters >= 1, f"aggregator.cg_max_iters must be >= 1, got {cg_max_iters}")
+        self.cg_tol, self.cg_max_iters = float(cg_tol), int(cg_max_iters)
         require(
             not (others == "freeze" and params is None),
             "aggregator.others=freeze freezes the parameters aggregator.params does not select, but params=null "
@@ -223,9 +264,11 @@ class FIPA(Aggregator):
         self.damping, self.damping_factor = float(damping), float(damping_factor)
         self.adaptive_damping, self.adaptive_cutoff = bool(adaptive_damping), adaptive_cutoff
         probe = (*(("start_loss",) if self.adaptive_damping else ()), *(("gradient",) if adaptive_cutoff else ()))
-        curvature = ("curvature_diagonal",) if representation == "diagonal" else ("eigenvectors", "eigenvalues")
+        curvature = {"diagonal": ("curvature_diagonal",), "kfac": KFAC_STATISTICS}.get(
+            representation, ("eigenvectors", "eigenvalues")
+        )
         self.required_statistics = (*curvature, *probe)
-        self.diagnostic_keys = () if representation == "diagonal" else (
+        self.diagnostic_keys = () if representation == "diagonal" else ("cg_iterations",) if representation == "kfac" else (
             *DIAGNOSTICS,
             *(("complement_share",) if self.complement_step else ()),
             *(("damping",) if solver == "anchored" else ()),
@@ -270,6 +313,8 @@ class FIPA(Aggregator):
         self.curvature.param_names = names
         self.mask = flat.mask(self.params)
         self.all_selected = bool(self.mask.all())
+        if self.representation == "kfac":
+            self._kfac = KFACRound(kfac_layout(flat, names))
 
     # Streaming round --------------------------------------------------------------------------------------
     def begin_round(self, round_idx: int) -> None:
@@ -298,6 +343,8 @@ class FIPA(Aggregator):
         self._gradient_sum = torch.zeros_like(self._rhs) if self.adaptive_cutoff else None
         self._extra: dict[str, float] = {}
         self._local_epochs: list[float] = []
+        if self.representation == "kfac":
+            self._kfac.reset(global_params.device)
 
     def update(self, update: ClientUpdate) -> None:
         n = update.num_samples
@@ -310,6 +357,9 @@ class FIPA(Aggregator):
             self._losses[update.client_id] = (float(update.statistics["start_loss"]), n)
         if self.representation == "diagonal":
             AF.accumulate_diagonal(self._rhs, self._diag_sum, delta, update.statistics["curvature_diagonal"], n)
+            return
+        if self.representation == "kfac":
+            self._kfac.add(update.statistics, delta, n)
             return
         U, lam = update.statistics["eigenvectors"], update.statistics["eigenvalues"]
         coefficients = U.T @ delta
@@ -334,6 +384,9 @@ class FIPA(Aggregator):
         extra = None  # the complement step, taken with its own step size
         if self.representation == "diagonal":
             direction = AF.diagonal_solve(self._rhs, self._diag_sum, fedavg_selected, self.rcond)
+        elif self.representation == "kfac":  # the damped form gamma * beta * (H + beta I)^-1 b, H block diagonal
+            solved = self._kfac.solve(self.beta, None, self.cg_tol, self.cg_max_iters)
+            direction = (self.gamma * self.beta * solved).to(fedavg_selected.dtype)
         elif self.solver == "anchored" and self.adaptive_damping:
             base, direction, fedavg_step = self._trust_region_step(fedavg_step)
         else:
@@ -450,6 +503,8 @@ class FIPA(Aggregator):
     def diagnostics(self) -> dict[str, float]:
         if self.representation == "diagonal":
             return {}
+        if self.representation == "kfac":
+            return {"cg_iterations": float(self._kfac.iterations)}
         ranks = [lam.numel() for lam in self._eigenvalues]
         kept = [lam for lam in self._eigenvalues if lam.numel()]
         return {

@@ -14,6 +14,7 @@ from fipa.client import ClientCallback, client_model, set_local_epochs
 from fipa.curvature.adaptive import adaptive_local_epochs, kept_by_cutoff, relative_cutoff
 from fipa.curvature.eigen import LowRankCurvature, randomized_eigenpairs, top_eigenpairs_from_rows
 from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows, subsample_groups
+from fipa.curvature.kfac import kfac_factors, kfac_layers, pack
 from fipa.errors import require
 from fipa.seeding import CURVATURE, torch_generator
 
@@ -75,8 +76,10 @@ class CurvatureCallback(ClientCallback):
 
     `at="start"`: once at the broadcast point, in `on_train_start`, before any local step (the paper).
     `at="epoch_end"`: after every local epoch, averaged over the epochs.
-    The result is uploaded as low-rank factors (eigenvectors, eigenvalues) or, for `representation="diagonal"`,
-    as the curvature diagonal.
+    `at="end"`: once at the client's trained local model, in `on_train_end` (FedFisher).
+    The result is uploaded as low-rank factors (eigenvectors, eigenvalues), for `representation="diagonal"` as the
+    curvature diagonal, and for `representation="kfac"` as the packed K-FAC factors of the Linear / Conv2d layers
+    with the diagonal of the other parameters (fipa.curvature.kfac; epoch averages average the factors).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class CurvatureCallback(ClientCallback):
     def _reset(self) -> None:
         self._lowrank: LowRankCurvature | None = None
         self._diagonal: Tensor | None = None
+        self._kfac: dict[str, Tensor] | None = None
         self._count = 0
         self._seconds = 0.0
         self._frozen: list[torch.nn.Parameter] = []
@@ -158,6 +162,8 @@ class CurvatureCallback(ClientCallback):
             self._measure(pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at == "end":  # at the trained local model, before the frozen parameters thaw
+            self._measure(pl_module)
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -166,6 +172,8 @@ class CurvatureCallback(ClientCallback):
     def client_statistics(self) -> dict[str, Tensor]:
         if self.representation == "diagonal":
             curvature = {} if self._diagonal is None else {"curvature_diagonal": self._diagonal}
+        elif self.representation == "kfac":
+            curvature = dict(self._kfac or {})
         elif self._lowrank is None:
             curvature = {}
         else:
@@ -242,6 +250,13 @@ class CurvatureCallback(ClientCallback):
                     self._diagonal = diagonal
                 else:
                     self._diagonal += (diagonal - self._diagonal) / self._count
+            elif self.representation == "kfac":
+                factors = self._kfac_curvature(pl_module, params, groups, generator)
+                if self._kfac is None:
+                    self._kfac = factors
+                else:
+                    for kind, value in factors.items():
+                        self._kfac[kind] += (value - self._kfac[kind]) / self._count
             else:
                 self._lowrank = merge_average(
                     self._lowrank, self._lowrank_curvature(params, groups, generator), self._count, self.rank
@@ -249,6 +264,31 @@ class CurvatureCallback(ClientCallback):
         finally:
             pl_module.train(was_training)
             self._seconds += time.perf_counter() - start
+
+    def _kfac_curvature(self, pl_module, params, groups, generator) -> dict[str, Tensor]:
+        """The packed K-FAC factors of the selected Linear / Conv2d layers and the diagonal of the other selected
+        parameters, from the same curvature groups (and, for mc, the same sample)."""
+        require(
+            getattr(pl_module, "curvature_outputs_are_model_outputs", False),
+            f"representation=kfac needs a task whose curvature outputs are the model's own outputs (regression, "
+            f"image classification); {type(pl_module).__name__}'s are not (e.g. PINN residuals): use "
+            "representation=lowrank or diagonal",
+        )
+        model = client_model(pl_module)
+        layers, rest = kfac_layers(model, list(params))
+        factors = kfac_factors(model, layers, groups, self.estimator, generator, self.sample_block)
+        rest_params = {name: params[name] for name in rest}
+        ref = next(iter(params.values()))
+        diagonal = (
+            curvature_diagonal(rest_params, groups, self.estimator, generator, self.sample_block)
+            if rest_params
+            else ref.new_zeros(0)
+        )
+        return {
+            "kfac_input_factors": pack([A for A, _ in factors]),
+            "kfac_output_factors": pack([G for _, G in factors]),
+            "curvature_diagonal": diagonal,
+        }
 
     def _lowrank_curvature(self, params, groups, generator) -> LowRankCurvature:
         num_params = sum(p.numel() for p in params.values())

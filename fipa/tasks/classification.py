@@ -16,6 +16,7 @@ from fipa.tasks.base import FederatedTask
 
 
 class ClassificationModule(ClientModule):
+    curvature_outputs_are_model_outputs = True  # the model's outputs: K-FAC may hook its layers
     # optional batch transform (batch, generator) -> batch for training, never for curvature or evaluation; it draws
     # from the job's generator, so a client's augmentation depends only on (seed, round, client)
     augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None

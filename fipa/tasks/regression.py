@@ -49,6 +49,8 @@ def uniform_in_box(lower: Sequence[float], upper: Sequence[float], n: int, gener
 class RegressionModule(ClientModule):
     """MSE regression client. Its GGN is the mean of J_i^T J_i (S = I up to the loss constant)."""
 
+    curvature_outputs_are_model_outputs = True  # the model's outputs: K-FAC may hook its layers
+
     def training_loss(self, batch):
         x, y = batch
         return F.mse_loss(self.model(x), y)

@@ -1,0 +1,300 @@
+"""K-FAC: Kronecker-factored curvature of Linear and Conv2d layers, and matrix-free solves with sums of such factors.
+
+For a layer with output z = W a (+ bias), the per-sample gradient of s^T f (s a column of the output factor of
+`fipa.curvature.ggn`, f the model's outputs) w.r.t. W is g a^T, with g = d(s^T f)/dz. In torch's row-major
+flattening of W (out x in) that is kron(g, a), so the layer's GGN block sum_i kron(g_i g_i^T, a_i a_i^T) is
+approximated (Martens & Grosse, 2015) by
+
+    kron(G, A),   A = sum_i w_i a_i a_i^T / sum_i w_i,   G = sum_i w_i sum_k g_ik g_ik^T,
+
+(w_i the curvature group's weight, e.g. 1/N), and kron(G, A) vec(X) = vec(G X A) for X of W's shape: a product
+never needs the Kronecker matrix. A bias joins its layer as an extra input column (a homogeneous coordinate 1
+appended to a): the bias block and its coupling to the weight come from the same two factors, at the cost of one
+row and column of A. Conv2d (groups=1) is the "expand" K-FAC of Grosse & Martens (2016) / Eschenhagen et al.
+(2023): every spatial location t is a sample of its own, A = sum_i w_i (1/T) sum_t a_it a_it^T / sum_i w_i with
+a_it the unfolded input patch, G = sum_i w_i sum_t g_it g_it^T. Every other parameter (norm layers, grouped
+convolutions, a bias whose weight is not selected) is left to the caller, which takes its diagonal.
+
+Factors are gathered with forward hooks on a batched forward pass of the model: this needs curvature groups whose
+output function is the model itself applied to one sample (not, e.g., a PINN residual of input derivatives).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fipa.curvature.ggn import CurvatureGroup, _chunks, _factors, _prepare
+
+__all__ = [
+    "KFACLayer",
+    "KFACLayout",
+    "conjugate_gradient",
+    "kfac_factors",
+    "kfac_layers",
+    "kfac_solve",
+    "kron_sum_diagonal",
+    "kron_sum_matvec",
+    "pack",
+    "unpack",
+]
+
+
+@dataclass(frozen=True)
+class KFACLayer:
+    """One Kronecker-factored layer: its module, its parameters, and the shape (out, in) of its weight matrix
+    (in counts the bias column when the layer has a selected bias)."""
+
+    module: str
+    weight: str
+    bias: str | None
+    out_dim: int
+    in_dim: int
+
+
+def _kfac_module(module: nn.Module) -> bool:
+    """Linear, or a plain Conv2d (groups 1, numeric padding with zeros): the layers whose input patches unfold."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def kfac_layers(model: nn.Module, selected: Sequence[str]) -> tuple[list[KFACLayer], list[str]]:
+    """The Linear / Conv2d layers whose weight is among `selected` parameter names, and the selected names left
+    for the diagonal (in `named_parameters` order)."""
+    chosen = set(selected)
+    layers: list[KFACLayer] = []
+    covered: set[str] = set()
+    for name, module in model.named_modules():
+        if not _kfac_module(module):
+            continue
+        prefix = f"{name}." if name else ""
+        weight, bias = f"{prefix}weight", f"{prefix}bias"
+        if weight not in chosen:
+            continue
+        has_bias = getattr(module, "bias", None) is not None and bias in chosen
+        w = module.weight
+        layers.append(KFACLayer(name, weight, bias if has_bias else None, w.shape[0], w[0].numel() + has_bias))
+        covered.update((weight, bias) if has_bias else (weight,))
+    rest = [n for n, _ in model.named_parameters() if n in chosen and n not in covered]
+    return layers, rest
+
+
+def _layer_inputs(module: nn.Module, x: Tensor, with_bias: bool) -> tuple[Tensor, int]:
+    """The layer's input rows a (one per sample and location, with the homogeneous 1 if it has a bias) and T, the
+    locations per sample."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # kfac_layers leaves string paddings to the diagonal
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (b, in*k*k, T)
+        locations = patches.shape[-1]
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        locations = x[0].numel() // x.shape[-1]  # extra leading dims (e.g. a sequence) are locations too
+        rows = x.reshape(-1, x.shape[-1])
+    if with_bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows, locations
+
+
+def _output_rows(module: nn.Module, grad: Tensor) -> Tensor:
+    """Output gradients g, one row per sample and location."""
+    if isinstance(module, nn.Conv2d):
+        return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+    return grad.reshape(-1, grad.shape[-1])
+
+
+def kfac_factors(
+    model: nn.Module,
+    layers: Sequence[KFACLayer],
+    groups: Sequence[CurvatureGroup],
+    estimator: str = "ggn",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 256,
+) -> list[tuple[Tensor, Tensor]]:
+    """(A, G) of every layer (module docstring), from batched forward passes of `model` over the groups' inputs.
+
+    The output factors s (ggn: exact S = s s^T; mc: one sample; empirical: the loss gradient) and the mc noise are
+    those of `fipa.curvature.ggn`, so every estimator means the same here as for the low-rank and diagonal
+    representations. One backward pass per factor column gives every layer's g at once.
+    """
+    modules = dict(model.named_modules())
+    ref = modules[layers[0].module].weight
+    _, noises = _prepare(dict(model.named_parameters()), groups, estimator, generator)  # validation, mc noise
+    A = [torch.zeros(layer.in_dim, layer.in_dim, dtype=ref.dtype, device=ref.device) for layer in layers]
+    G = [torch.zeros(layer.out_dim, layer.out_dim, dtype=ref.dtype, device=ref.device) for layer in layers]
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def capture(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            if not output.requires_grad:  # nothing upstream needs a gradient (e.g. frozen): start the graph here
+                output = output.detach().requires_grad_()
+            captured[name] = (inputs[0].detach(), output)
+            return output
+
+        return hook
+
+    handles = [modules[layer.module].register_forward_hook(capture(layer.module)) for layer in layers]
+    total_weight = 0.0
+    try:
+        for group, noise in zip(groups, noises):
+            weight = float(group.weight)
+            if weight == 0:
+                continue
+            for inputs, targets, eps in _chunks(group, noise, chunk_size):
+                with torch.enable_grad():
+                    z = model(inputs).reshape(len(inputs), -1)
+                    s = _factors(z.detach(), targets, eps, group.loss, estimator)  # (b, C, k)
+                    outputs = [captured[layer.module][1] for layer in layers]
+                    for j in range(s.shape[-1]):
+                        grads = torch.autograd.grad(
+                            z, outputs, s[..., j], retain_graph=j + 1 < s.shape[-1], allow_unused=True
+                        )
+                        for index, (layer, grad) in enumerate(zip(layers, grads)):
+                            if grad is None:  # a layer off the path to the outputs has no curvature
+                                continue
+                            g = _output_rows(modules[layer.module], grad)
+                            G[index].addmm_(g.T, g, alpha=weight)
+                for index, layer in enumerate(layers):
+                    a, locations = _layer_inputs(
+                        modules[layer.module], captured[layer.module][0], layer.bias is not None
+                    )
+                    A[index].addmm_(a.T, a, alpha=weight / locations)
+                total_weight += weight * len(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        captured.clear()
+    if total_weight > 0:
+        for factor in A:
+            factor /= total_weight
+    return list(zip(A, G))
+
+
+# ---------------------------------------------------------------------------------------- transport
+
+
+def pack(factors: Sequence[Tensor]) -> Tensor:
+    """The square factors as one flat vector (what a client uploads: one statistic per kind of factor)."""
+    if not factors:
+        return torch.zeros(0)
+    return torch.cat([f.reshape(-1) for f in factors])
+
+
+def unpack(flat: Tensor, dims: Sequence[int]) -> list[Tensor]:
+    """Inverse of `pack` for square factors of the given sizes."""
+    return [part.view(d, d) for part, d in zip(flat.split([d * d for d in dims]), dims)]
+
+
+class KFACLayout:
+    """Where each layer's weight (and bias column) lies in a vector of the selected parameters, and the rest.
+
+    `names` and `sizes`: the selected parameters in the vector's order; `shapes`: their shapes.
+    """
+
+    def __init__(self, layers: Sequence[KFACLayer], names: Sequence[str], shapes: Sequence[torch.Size]):
+        offsets, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            offsets[name] = (offset, math.prod(shape))
+            offset += math.prod(shape)
+        self.layers = list(layers)
+        self.numel = offset
+        self._weights = [offsets[layer.weight] for layer in layers]
+        self._biases = [None if layer.bias is None else offsets[layer.bias] for layer in layers]
+        covered = torch.zeros(offset, dtype=torch.bool)
+        for start, size in [*self._weights, *(b for b in self._biases if b is not None)]:
+            covered[start : start + size] = True
+        self.rest = (~covered).nonzero().squeeze(1)  # indices of the diagonal's coordinates
+        self.in_dims = [layer.in_dim for layer in layers]
+        self.out_dims = [layer.out_dim for layer in layers]
+
+    def matrices(self, vector: Tensor) -> list[Tensor]:
+        """Each layer's (out, in) matrix [W | b] from a vector of the selected parameters."""
+        mats = []
+        for layer, (start, size), bias in zip(self.layers, self._weights, self._biases):
+            W = vector[start : start + size].view(layer.out_dim, -1)
+            if bias is not None:
+                W = torch.cat([W, vector[bias[0] : bias[0] + bias[1]].unsqueeze(1)], dim=1)
+            mats.append(W)
+        return mats
+
+    def vector(self, matrices: Sequence[Tensor], rest: Tensor) -> Tensor:
+        """Inverse of `matrices` (and `rest` for the diagonal's coordinates)."""
+        out = rest.new_zeros(self.numel)
+        for X, (start, size), bias in zip(matrices, self._weights, self._biases):
+            if bias is None:
+                out[start : start + size] = X.reshape(-1)
+            else:
+                out[start : start + size] = X[:, :-1].reshape(-1)
+                out[bias[0] : bias[0] + bias[1]] = X[:, -1]
+        out[self.rest.to(out.device)] = rest
+        return out
+
+
+# ---------------------------------------------------------------------------------------- server math
+
+
+def kron_sum_matvec(Gs: Tensor, As: Tensor, weights: Tensor, X: Tensor) -> Tensor:
+    """sum_m w_m kron(G_m, A_m) vec(X) as a matrix: sum_m w_m G_m X A_m (Gs: (M, o, o), As: (M, i, i), X: (o, i))."""
+    return torch.einsum("m,mij->ij", weights, Gs @ X @ As)
+
+
+def kron_sum_diagonal(Gs: Tensor, As: Tensor, weights: Tensor) -> Tensor:
+    """The diagonal of sum_m w_m kron(G_m, A_m), shaped like X: sum_m w_m diag(G_m) diag(A_m)^T."""
+    return torch.einsum("m,mi,mj->ij", weights, Gs.diagonal(dim1=1, dim2=2), As.diagonal(dim1=1, dim2=2))
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    preconditioner: Tensor | None = None,
+    rtol: float = 1e-8,
+    max_iters: int = 1000,
+) -> tuple[Tensor, int]:
+    """Preconditioned CG for a symmetric positive definite operator on tensors of b's shape (any shape: the inner
+    product is the sum of elementwise products). `preconditioner`: the elementwise inverse of M (Jacobi).
+    Stops when ||b - A x|| <= rtol ||b||; returns (x, iterations)."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    target = rtol * float(b.norm())
+    if float(r.norm()) <= target:
+        return x, 0
+    z = r if preconditioner is None else r * preconditioner
+    p = z.clone()
+    rz = float((r * z).sum())
+    for iteration in range(1, max_iters + 1):
+        Ap = matvec(p)
+        alpha = rz / float((p * Ap).sum())
+        x.add_(p, alpha=alpha)
+        r.sub_(Ap, alpha=alpha)
+        if float(r.norm()) <= target:
+            return x, iteration
+        z = r if preconditioner is None else r * preconditioner
+        rz_new = float((r * z).sum())
+        p.mul_(rz_new / rz).add_(z)
+        rz = rz_new
+    return x, max_iters
+
+
+def kfac_solve(
+    Gs: Tensor, As: Tensor, weights: Tensor, B: Tensor, damping: float, rtol: float = 1e-8, max_iters: int = 1000
+) -> tuple[Tensor, int]:
+    """X with (sum_m w_m kron(G_m, A_m) + damping I) vec(X) = vec(B), by Jacobi-preconditioned CG on Kronecker
+    matvecs (never the Kronecker matrix); damping > 0 makes the operator positive definite. Returns (X, iterations)."""
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping}")
+    inverse_diagonal = 1.0 / (kron_sum_diagonal(Gs, As, weights) + damping)
+    return conjugate_gradient(
+        lambda X: kron_sum_matvec(Gs, As, weights, X) + damping * X, B, None, inverse_diagonal, rtol, max_iters
+    )
