@@ -2,6 +2,7 @@
 
 from fipa.aggregators.base import Aggregator
 from fipa.aggregators.fedavg import FedAvg, FedProx
+from fipa.aggregators.fedfisher import FedFisher
 from fipa.aggregators.fipa import FIPA
 
-__all__ = ["FIPA", "Aggregator", "FedAvg", "FedProx"]
+__all__ = ["FIPA", "Aggregator", "FedAvg", "FedFisher", "FedProx"]

@@ -1,0 +1,314 @@
+"""K-FAC curvature (FIPA representation=kfac) and FedFisher, against dense references built independently."""
+
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fipa.aggregators import FIPA, FedFisher
+from fipa.aggregators.fedfisher import adam_minimise, diagonal_fisher_solve, fisher_objective_gradient
+from fipa.client import ClientUpdate, LocalTrainer, train_client
+from fipa.curvature import CurvatureGroup
+from fipa.curvature.kfac import KFACLayout, kfac_factors, kfac_layers, kfac_solve, kron_sum_matvec, pack
+from fipa.data import batch_loader
+from fipa.errors import ConfigError
+from fipa.parameters import FlatParameters
+from fipa.tasks import Sine1D
+from fipa.train import run
+
+DT = torch.float64
+
+
+def conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=1, dtype=DT),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 4, dtype=DT),
+        nn.Tanh(),
+        nn.Linear(4, 3, dtype=DT),
+    )
+
+
+def dense_kfac_reference(model, x, loss, estimator, targets=None):
+    """Per-sample loop: activations by hand (padded windows read one location at a time), output gradients as the
+    rows J_t^T S J_t of the Jacobian of the outputs w.r.t. each layer's output; A and G as in fipa.curvature.kfac."""
+    conv, lin1, lin2 = model[0], model[3], model[5]
+    n = len(x)
+    A = [torch.zeros(2 * 9 + 1, 2 * 9 + 1, dtype=DT), torch.zeros(49, 49, dtype=DT), torch.zeros(5, 5, dtype=DT)]
+    G = [torch.zeros(3, 3, dtype=DT), torch.zeros(4, 4, dtype=DT), torch.zeros(3, 3, dtype=DT)]
+    for i in range(n):
+        xi = x[i]
+        padded = torch.nn.functional.pad(xi, (1, 1, 1, 1))
+        for r in range(4):
+            for c in range(4):
+                a = torch.cat([padded[:, r : r + 3, c : c + 3].reshape(-1), torch.ones(1, dtype=DT)])
+                A[0] += torch.outer(a, a) / 16 / n
+        h1 = conv(xi.unsqueeze(0))[0]
+        a2 = torch.tanh(h1).reshape(-1)
+        h2 = lin1(a2)
+        a3 = torch.tanh(h2)
+        z = lin2(a3)
+        for index, a in ((1, a2), (2, a3)):
+            a1 = torch.cat([a, torch.ones(1, dtype=DT)])
+            A[index] += torch.outer(a1, a1).detach() / n
+        p = torch.softmax(z, 0)
+        if loss == "mse":
+            S = torch.eye(3, dtype=DT)
+        elif estimator == "ggn":
+            S = torch.diag(p) - torch.outer(p, p)
+        else:  # empirical cross-entropy: (p - y)(p - y)^T
+            e = p - nn.functional.one_hot(targets[i], 3).to(DT)
+            S = torch.outer(e, e)
+        S = S.detach()
+        J1 = torch.autograd.functional.jacobian(lambda h: lin2(torch.tanh(lin1(torch.tanh(h).reshape(-1)))), h1)
+        J1 = J1.reshape(3, 3, 16)  # (C, channels, locations)
+        for t in range(16):
+            G[0] += J1[:, :, t].T @ S @ J1[:, :, t] / n
+        J2 = torch.autograd.functional.jacobian(lambda h: lin2(torch.tanh(h)), h2)
+        G[1] += J2.T @ S @ J2 / n
+        G[2] += S / n
+    return list(zip(A, G))
+
+
+@pytest.mark.parametrize("loss,estimator", [("cross_entropy", "ggn"), ("cross_entropy", "empirical"), ("mse", "ggn")])
+def test_factors_match_a_dense_per_sample_reference(loss, estimator):
+    model = conv_net()
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    y = torch.randint(3, (5,)) if loss == "cross_entropy" else torch.randn(5, 3, dtype=DT)
+
+    def output_fn(params, xi):
+        return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    groups = [CurvatureGroup(output_fn, x, y, loss=loss, weight=1 / 5)]
+    layers, rest = kfac_layers(model, [n for n, _ in model.named_parameters()])
+    assert [layer.module for layer in layers] == ["0", "3", "5"] and rest == []
+    factors = kfac_factors(model, layers, groups, estimator, chunk_size=2)  # chunks must not change the sums
+    reference = dense_kfac_reference(model, x, loss, estimator, y)
+    for (A, G), (A_ref, G_ref) in zip(factors, reference):
+        torch.testing.assert_close(A, A_ref)
+        torch.testing.assert_close(G, G_ref)
+
+
+def test_mc_factors_average_to_the_ggn_factors():
+    model = conv_net()
+    x = torch.randn(4, 2, 4, 4, dtype=DT)
+
+    def output_fn(params, xi):
+        return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    groups = [CurvatureGroup(output_fn, x.repeat(2000, 1, 1, 1), None, loss="cross_entropy", weight=1 / 8000)]
+    layers, _ = kfac_layers(model, [n for n, _ in model.named_parameters()])
+    mc = kfac_factors(model, layers, groups, "mc", torch.Generator().manual_seed(0), chunk_size=4000)
+    exact = kfac_factors(model, layers, groups[:1], "ggn", chunk_size=4000)
+    for (_, G), (_, G_ref) in zip(mc, exact):
+        assert (G - G_ref).abs().max() < 0.1 * G_ref.abs().max()
+
+
+def test_norm_layers_and_unselected_biases_go_to_the_diagonal():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    layers, rest = kfac_layers(model, ["0.weight", "1.weight", "1.bias", "2.weight", "2.bias"])
+    assert [(layer.weight, layer.bias, layer.in_dim) for layer in layers] == [
+        ("0.weight", None, 3),
+        ("2.weight", "2.bias", 5),
+    ]
+    assert rest == ["1.weight", "1.bias"]
+
+
+def dense_kron_sum(Gs, As, weights):
+    return sum(w * torch.kron(G, A) for G, A, w in zip(Gs, As, weights))
+
+
+def random_spd(n, generator, rank=None):
+    B = torch.randn(n, rank or n, dtype=DT, generator=generator)
+    return B @ B.T / n
+
+
+def test_kronecker_matvec_and_cg_solve_match_the_dense_kronecker_matrix():
+    g = torch.Generator().manual_seed(1)
+    Gs = torch.stack([random_spd(3, g, rank=2) for _ in range(3)])  # singular factors: the damping carries them
+    As = torch.stack([random_spd(5, g) for _ in range(3)])
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=DT)
+    X = torch.randn(3, 5, dtype=DT, generator=g)
+    dense = dense_kron_sum(Gs, As, weights)
+    torch.testing.assert_close(kron_sum_matvec(Gs, As, weights, X).reshape(-1), dense @ X.reshape(-1))
+    solved, iterations = kfac_solve(Gs, As, weights, X, damping=0.05, rtol=1e-12)
+    expected = torch.linalg.solve(dense + 0.05 * torch.eye(15, dtype=DT), X.reshape(-1))
+    torch.testing.assert_close(solved.reshape(-1), expected)
+    assert 0 < iterations <= 15 + 5
+
+
+class _Layout:
+    """Dense reference layout: the flat index of entry (r, c) of a layer's [W | b] matrix, written out by hand."""
+
+    def __init__(self, model):
+        self.offsets, offset = {}, 0
+        for name, p in model.named_parameters():
+            self.offsets[name] = offset
+            offset += p.numel()
+        self.p = offset
+
+    def indices(self, weight, bias, out_dim, in_dim):
+        idx = []
+        for r in range(out_dim):
+            for c in range(in_dim + (bias is not None)):
+                idx.append(self.offsets[weight] + r * in_dim + c if c < in_dim else self.offsets[bias] + r)
+        return torch.tensor(idx)
+
+
+def tiny_kfac_model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(3, 4, dtype=DT), nn.LayerNorm(4, dtype=DT), nn.Tanh(), nn.Linear(4, 2, dtype=DT))
+
+
+def random_kfac_updates(model, generator, clients=3):
+    """ClientUpdates with random (PSD) factors and diagonals, and the dense H_m of each."""
+    ref = _Layout(model)
+    blocks = [("0.weight", "0.bias", 4, 3), ("3.weight", "3.bias", 2, 4)]
+    rest = torch.tensor([ref.offsets["1.weight"] + i for i in range(4)] + [ref.offsets["1.bias"] + i for i in range(4)])
+    updates, dense = [], []
+    for m in range(clients):
+        As = [random_spd(4, generator), random_spd(5, generator, rank=2)]
+        Gs = [random_spd(4, generator, rank=3), random_spd(2, generator)]
+        diagonal = torch.rand(8, dtype=DT, generator=generator)
+        H = torch.zeros(ref.p, ref.p, dtype=DT)
+        for (w, b, o, i), A, G in zip(blocks, As, Gs):
+            idx = ref.indices(w, b, o, i)
+            H[idx.unsqueeze(1), idx] = torch.kron(G, A)
+        H[rest, rest] = diagonal
+        stats = {"kfac_input_factors": pack(As), "kfac_output_factors": pack(Gs), "curvature_diagonal": diagonal}
+        delta = torch.randn(ref.p, dtype=DT, generator=generator)
+        updates.append(ClientUpdate(m, 10 * (m + 1), delta, stats))
+        dense.append(H)
+    return updates, dense
+
+
+def test_fipa_kfac_round_matches_the_dense_damped_rule():
+    model = tiny_kfac_model()
+    updates, dense = random_kfac_updates(model, torch.Generator().manual_seed(4))
+    fipa = FIPA(representation="kfac", rank=None, beta=0.3, gamma=0.7, step_size=0.9, cg_tol=1e-12)
+    fipa.bind(FlatParameters(model))
+    theta = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    fipa.reset(theta)
+    for update in updates:
+        fipa.update(update)
+    new = fipa.compute()
+    weights = [u.num_samples / sum(v.num_samples for v in updates) for u in updates]
+    H = sum(w * Hm for w, Hm in zip(weights, dense))
+    b = sum(w * Hm @ u.delta for w, Hm, u in zip(weights, dense, updates))
+    expected = theta + 0.9 * 0.7 * 0.3 * torch.linalg.solve(H + 0.3 * torch.eye(len(b), dtype=DT), b)
+    torch.testing.assert_close(new, expected)
+    assert fipa.diagnostics()["cg_iterations"] > 0
+
+
+def test_fedfisher_kfac_closed_form_matches_dense_and_adam():
+    model = tiny_kfac_model()
+    updates, dense = random_kfac_updates(model, torch.Generator().manual_seed(5))
+    theta = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    results = {}
+    for solver, extra in (("closed_form", {}), ("adam", {"server_steps": 4000, "server_lr": 1e-2})):
+        agg = FedFisher(representation="kfac", solver=solver, damping=0.01, **extra)
+        agg.bind(FlatParameters(model))
+        agg.reset(theta)
+        for update in updates:
+            agg.update(update)
+        results[solver] = agg.compute()
+    weights = [u.num_samples / sum(v.num_samples for v in updates) for u in updates]
+    H = sum(w * Hm for w, Hm in zip(weights, dense))
+    b = sum(w * Hm @ u.delta for w, Hm, u in zip(weights, dense, updates))
+    g = sum(w * u.delta for w, u in zip(weights, updates))
+    # the minimiser of sum_m w_m (theta - theta_m)^T H_m (theta - theta_m) + 0.01 ||theta - theta_avg||^2
+    expected = theta + torch.linalg.solve(H + 0.01 * torch.eye(len(b), dtype=DT), b + 0.01 * g)
+    torch.testing.assert_close(results["closed_form"], expected)
+    torch.testing.assert_close(results["adam"], expected, atol=2e-3, rtol=0)
+
+
+def test_fedfisher_diagonal_closed_form_by_hand_and_against_adam():
+    # two clients, three coordinates; w = (1/4, 3/4); the third coordinate has no curvature: it keeps FedAvg's step
+    d1, d2 = torch.tensor([1.0, 2.0, 0.0], dtype=DT), torch.tensor([3.0, 0.0, 0.0], dtype=DT)
+    x1, x2 = torch.tensor([1.0, 1.0, 4.0], dtype=DT), torch.tensor([-1.0, 5.0, 8.0], dtype=DT)
+    updates = [ClientUpdate(0, 1, x1, {"curvature_diagonal": d1}), ClientUpdate(1, 3, x2, {"curvature_diagonal": d2})]
+    # coordinate 0: (1/4*1*1 + 3/4*3*(-1)) / (1/4*1 + 3/4*3) = (0.25 - 2.25) / 2.5 = -0.8; coordinate 1: only
+    # client 0 sees it: 1; coordinate 2: FedAvg 1/4*4 + 3/4*8 = 7
+    expected = torch.tensor([-0.8, 1.0, 7.0], dtype=DT)
+    model = nn.Linear(2, 1, dtype=DT)  # 3 parameters
+    for solver, extra, tol in (("closed_form", {}, 1e-12), ("adam", {"server_steps": 3000, "server_lr": 1e-2}, 1e-3)):
+        agg = FedFisher(representation="diagonal", solver=solver, **extra)
+        agg.bind(FlatParameters(model))
+        agg.reset(torch.zeros(3, dtype=DT))
+        for update in updates:
+            agg.update(update)
+        torch.testing.assert_close(agg.compute(), expected, atol=tol, rtol=0)
+
+
+def test_fedfisher_pieces():
+    rhs, diagonal, anchor = torch.tensor([2.0, 0.0]), torch.tensor([4.0, 0.0]), torch.tensor([1.0, 3.0])
+    torch.testing.assert_close(diagonal_fisher_solve(rhs, diagonal, anchor, 0.0), torch.tensor([0.5, 3.0]))
+    torch.testing.assert_close(diagonal_fisher_solve(rhs, diagonal, anchor, 1.0), torch.tensor([3 / 5, 3.0]))
+    gradient = fisher_objective_gradient(diagonal.mul, rhs, 1.0, anchor)
+    x = adam_minimise(gradient, torch.zeros(2), 3000, 1e-2)
+    torch.testing.assert_close(x, torch.tensor([0.6, 3.0]), atol=1e-3, rtol=0)
+
+
+def test_curvature_at_end_is_taken_at_the_trained_model():
+    task = Sine1D([0.0, 0.5, 1.0], frequency=2, seed=0, points_per_client=20, test_points=16)
+    model = nn.Sequential(nn.Linear(1, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 1, dtype=DT))
+    module = task.build_module(model, lambda params: torch.optim.Adam(params, lr=1e-1))
+    agg = FedFisher(representation="kfac")
+    flat = FlatParameters(model)
+    agg.bind(flat)
+    trainer = LocalTrainer(agg.client_callbacks())
+    data = task.client_dataset(0)
+    start = flat.get()
+    update = train_client(0, module, flat, start, data, batch_loader(data, None, False), 5, trainer)
+    x = data.tensors[0]
+    flat.set(start + update.delta)  # the trained local model: its factors are what the client uploaded
+    layers, _ = kfac_layers(model, flat.names)
+    expected = kfac_factors(model, layers, module.curvature_groups(data))
+    torch.testing.assert_close(update.statistics["kfac_input_factors"], pack([A for A, _ in expected]))
+    torch.testing.assert_close(update.statistics["kfac_output_factors"], pack([G for _, G in expected]))
+    flat.set(start)
+    at_start = kfac_factors(model, layers, module.curvature_groups(data))
+    assert not torch.allclose(pack([G for _, G in at_start]), update.statistics["kfac_output_factors"])
+    assert len(x) == 20
+
+
+def test_layout_round_trips():
+    model = tiny_kfac_model()
+    flat = FlatParameters(model)
+    layers, _ = kfac_layers(model, flat.names)
+    layout = KFACLayout(layers, flat.names, [p.shape for p in model.parameters()])
+    v = torch.randn(flat.numel, dtype=DT)
+    torch.testing.assert_close(layout.vector(layout.matrices(v), v[layout.rest]), v)
+    ref = _Layout(model)
+    torch.testing.assert_close(layout.matrices(v)[1].reshape(-1), v[ref.indices("3.weight", "3.bias", 2, 4)])
+
+
+def test_bad_kfac_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="solver=pinv"):
+        FIPA(representation="kfac", rank=None, solver="pinv")
+    with pytest.raises(ConfigError, match="rank=20 has no effect"):
+        FIPA(representation="kfac")
+    with pytest.raises(ConfigError, match="cg_tol"):
+        FIPA(rank=20, cg_tol=1e-6)
+    fipa = FIPA(representation="kfac", rank=None, params="1.*")  # only the LayerNorm
+    with pytest.raises(ConfigError, match="Linear or Conv2d"):
+        fipa.bind(FlatParameters(tiny_kfac_model()))
+    with pytest.raises(ConfigError, match="server_steps"):
+        FedFisher(server_steps=10)
+    with pytest.raises(ConfigError, match="damping must be > 0"):
+        FedFisher(representation="kfac", damping=0.0)
+
+
+@pytest.mark.parametrize("aggregator", ["fipa_kfac", "fedfisher", "fedfisher_kfac"])
+def test_two_rounds_end_to_end(aggregator, tiny_config, tmp_path):
+    run(tiny_config(f"aggregator={aggregator}", "federation.rounds=2", "optimizer.lr=1e-2"), tmp_path)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(math.isfinite(float(r["test_mse"])) for r in rows)
+    assert float(rows[-1]["test_mse"]) < float(rows[0]["test_mse"])
+    if "kfac" in aggregator:  # every layer is a Linear: nothing goes to the diagonal
+        assert int(rows[0]["bytes_up_kfac_input_factors"]) > 0 and int(rows[0]["bytes_up_curvature_diagonal"]) == 0
