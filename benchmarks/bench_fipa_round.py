@@ -13,6 +13,9 @@ round by round with a rotating order, after ``--warmup-rounds`` untimed rounds. 
 (iii) on that CNN: the FIPA clients' curvature time / the FedAvg clients' local-training time of one epoch
     (both summed over the round's clients; client training time is Lightning's ``client_time_s``).
 
+(iv) ``--fmnist``: the fmnist_dirichlet preset (SmallCNN), FedAvg against the rules of ``--fmnist-cases``
+    (fipa_damped, fipa_lastlayer and fipa_kfac by default), ratios of the median round times.
+
 Ends with the line
 ``ratio_regression_fipa=.. ratio_regression_fipa_full=.. ratio_cnn_fipa=.. ratio_cnn_curvature_per_epoch=..``.
 
@@ -22,6 +25,8 @@ Ends with the line
     python benchmarks/bench_fipa_round.py --sample-block 32      # smaller curvature chunks (faster on CNNs)
     python benchmarks/bench_fipa_round.py --rounds 2 --cnn-rounds 1 --warmup-rounds 1 --tau 2 --points 40 \\
         --clients 2 --images 10 --test-images 10                 # a few seconds
+    python benchmarks/bench_fipa_round.py --skip-regression --skip-cnn --fmnist --fmnist-cases fipa_kfac \
+        --fmnist-rounds 2 --fmnist-override task.train_subset=3000 task.test_subset=200   # K-FAC smoke, seconds
 """
 
 from __future__ import annotations
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g.add_argument("--fmnist", action="store_true", help="also time the fmnist_dirichlet preset (minutes per FIPA round)")
     g.add_argument("--fmnist-rounds", type=int, default=2)
     g.add_argument("--fmnist-override", nargs="*", default=[], help="extra overrides, e.g. +preset.fipa_curvature_samples=128")
+    g.add_argument("--fmnist-cases", default="fipa,fipa_lastlayer,fipa_kfac",
+                   help="comma-separated rules timed against fedavg: fipa (fipa_damped), fipa_lastlayer, fipa_kfac")
     ap.add_argument("--profile", choices=["regression", "regression_full", "cnn"], action="append", default=[],
                     help="after timing, cProfile one more FIPA round of this case (repeatable)")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -275,8 +282,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.fmnist:
             total = args.warmup_rounds + args.fmnist_rounds
             base = ["experiment=fmnist_dirichlet", "torch_threads=1", f"federation.rounds={total}", f"seed={args.seed}",
-                    f"aggregator.eigensolver={args.eigensolver}", *args.fmnist_override]
-            cases = {"fedavg": ["aggregator=fedavg"], "fipa": ["aggregator=fipa_damped"], "fipa_lastlayer": ["aggregator=fipa_lastlayer"]}
+                    *args.fmnist_override]
+            lowrank = [f"aggregator.eigensolver={args.eigensolver}"]  # K-FAC has no eigensolver
+            known = {"fipa": ["aggregator=fipa_damped", *lowrank], "fipa_lastlayer": ["aggregator=fipa_lastlayer", *lowrank],
+                     "fipa_kfac": ["aggregator=fipa_kfac"]}
+            chosen = [c for c in args.fmnist_cases.split(",") if c]
+            unknown = [c for c in chosen if c not in known]
+            if unknown:
+                ap.error(f"--fmnist-cases: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+            cases = {"fedavg": ["aggregator=fedavg"], **{c: known[c] for c in chosen}}
             with tempfile.TemporaryDirectory() as tmp:
                 runners = []
                 for name, overrides in cases.items():
@@ -284,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     runners.append(RoundRunner(name, build(compose([*extra, *overrides]), Path(tmp) / name)))
                 torch.set_num_threads(1)
                 print(f"\n(iv) fmnist_dirichlet: SmallCNN, 5 of 100 clients x 600 images, 5 local epochs, batch 50; "
-                      f"FIPA full model r=20 (damped) and last layer r=10, eigensolver={args.eigensolver}", flush=True)
+                      f"against FedAvg: {', '.join(chosen)} (fipa: full model r=20 damped, fipa_lastlayer: r=10, "
+                      f"eigensolver={args.eigensolver}; fipa_kfac: K-FAC, damped CG)", flush=True)
                 interleave(runners, args.fmnist_rounds, args.warmup_rounds, "fmnist")
             report(runners, "fmnist")
             fedavg = runners[0]
@@ -306,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(profile_round(runner, args.profile_top))
 
     keys = ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
-            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer") for suffix in ("", "_curvature_per_epoch"))]
+            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac") for suffix in ("", "_curvature_per_epoch"))]
     print(" ".join(f"{k}={results[k]:.2f}" for k in keys if k in results))
     return results
 
