@@ -113,6 +113,7 @@ def _later_phase(cfg: DictConfig) -> Phase | None:
     schedule = cfg.schedule
     if schedule.switch_round is None:
         changed = [f"schedule.{key}" for key in ("after", "lr_scale_after") if schedule.get(key) is not None]
+        changed += ["schedule.after_settings"] if schedule.get("after_settings") else []
         require(not changed, f"{' and '.join(changed)} take effect only with schedule.switch_round=<round>")
         return None
     require(schedule.switch_round >= 1, f"schedule.switch_round must be >= 1, got {schedule.switch_round}")
@@ -120,6 +121,14 @@ def _later_phase(cfg: DictConfig) -> Phase | None:
     lr_scale = 0.1 if schedule.lr_scale_after is None else schedule.lr_scale_after  # the paper's FIPA-phase cut
     require(lr_scale > 0, f"schedule.lr_scale_after must be > 0, got {lr_scale}")
     node = compose_option("aggregator", schedule.after)
+    settings = schedule.get("after_settings") or {}
+    unknown = sorted(set(settings) - set(node))
+    require(
+        not unknown,
+        f"schedule.after_settings: {', '.join(unknown)} not settings of aggregator={schedule.after} "
+        f"(its settings: {', '.join(k for k in node if k != '_target_')})",
+    )
+    node = OmegaConf.merge(node, settings)
     # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
     with open_dict(cfg):
         cfg.schedule.after_aggregator = node
