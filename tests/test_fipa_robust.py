@@ -79,6 +79,20 @@ def test_the_anchored_solve_is_the_dense_levenberg_marquardt_step_towards_fedavg
     assert agg.diagnostics()["damping"] == nu
 
 
+def test_the_anchor_step_scales_only_the_fedavg_part_of_the_anchored_solve():
+    updates, H, b, fedavg = clients()
+    start = torch.randn(7, dtype=DT, generator=torch.Generator().manual_seed(0))
+    agg = FIPA(rank=None, solver="anchored", damping=0.3, step_size=0.5, anchor_step=1.0)
+    result = fipa_round(agg, start, updates, 7)
+    mu = 0.3 * float(torch.linalg.eigvalsh(H).max())
+    damped = H + mu * torch.eye(7, dtype=DT)
+    expected = start + 0.5 * torch.linalg.solve(damped, b) + 1.0 * torch.linalg.solve(damped, mu * fedavg)
+    torch.testing.assert_close(result, expected, rtol=1e-8, atol=1e-10)
+    # nu -> inf: the FedAvg step itself, with FedAvg's step 1 (the whole-solve scaling would give 0.5 of it)
+    far = fipa_round(FIPA(rank=None, solver="anchored", damping=1e4, step_size=0.5, anchor_step=1.0), start, updates, 7)
+    assert float((far - start - fedavg).norm()) < 1e-3 * float(fedavg.norm())
+
+
 def run_rounds(agg, losses_per_round, p=7):
     """One round per entry: round k broadcasts its own start point, its clients report these losses there and
     upload the round's own problem. Returns the damping in force, the outputs, and each round's (start, H, b, g)."""
@@ -191,6 +205,8 @@ def test_the_authors_cutoff_keeps_each_clients_eigenpairs_above_its_threshold():
         ({"solver": "anchored", "damping_start": 1.0, "adaptive_damping": True, "damping_decay": 0.5},
          "damping_decay=0.5 has no effect with adaptive_damping"),
         ({"damping_start": 1.0}, "damping_start=1.0 has no effect with solver=pinv"),
+        ({"anchor_step": 1.0}, "anchor_step=1.0 has no effect with solver=pinv"),
+        ({"solver": "anchored", "anchor_step": 0.0}, "anchor_step must be > 0"),
         ({"adaptive_epochs": 0.1}, "adaptive_epochs needs aggregator.adaptive_cutoff"),
         ({"adaptive_epochs": 0.1, "adaptive_cutoff": 1.0, "curvature_at": "epoch_end"}, "needs curvature_at=start"),
         ({"max_local_epochs": 50}, "max_local_epochs=50 has no effect with adaptive_epochs unset"),

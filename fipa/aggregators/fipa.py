@@ -64,7 +64,7 @@ class ModeDefaults:
 DEFAULTS = ModeDefaults()
 
 
-LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor", "damping_start", "damping_decay")
+LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor", "damping_start", "damping_decay", "anchor_step")
 LOWRANK_SETTINGS = ("rank", "eigensolver", "oversample", "power_iters", "complement_step", "adaptive_cutoff",
                     "adaptive_epochs", "max_local_epochs")  # fmt: skip
 KFAC_SETTINGS = ("cg_tol", "cg_max_iters")
@@ -143,6 +143,7 @@ class FIPA(Aggregator):
         damping_factor: float | None = None,  # anchored, adaptive: the rule's factor (3)
         damping_start: float | None = None,  # anchored: the first round's relative damping (off: `damping` throughout)
         damping_decay: float | None = None,  # anchored, with damping_start: the damping's factor per round (0.5)
+        anchor_step: float | None = None,  # anchored: the step of the part of the solve that comes from FedAvg's step
         adaptive_cutoff: float | None = None,  # the authors' per-client relative eigenvalue cut-off constant C (off)
         adaptive_epochs: float | None = None,  # the authors' adaptive local epochs: the constant C_tau (off)
         max_local_epochs: int | None = None,  # adaptive_epochs: the cap on a client's epochs (200)
@@ -154,7 +155,7 @@ class FIPA(Aggregator):
             f"aggregator.representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}",
         )
         given = {"complement_step": complement_step, "damping": damping, "damping_factor": damping_factor,
-                 "damping_start": damping_start, "damping_decay": damping_decay,
+                 "damping_start": damping_start, "damping_decay": damping_decay, "anchor_step": anchor_step,
                  "adaptive_damping": adaptive_damping or None, "adaptive_cutoff": adaptive_cutoff,
                  "adaptive_epochs": adaptive_epochs, "max_local_epochs": max_local_epochs,
                  "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
@@ -226,6 +227,7 @@ class FIPA(Aggregator):
             require(max_local_epochs >= 1, f"aggregator.max_local_epochs must be >= 1, got {max_local_epochs}")
         require(rank is None or rank >= 1, f"aggregator.rank must be >= 1 or null (full rank), got {rank}")
         require(step_size > 0, f"aggregator.step_size must be > 0, got {step_size}")
+        require(anchor_step is None or anchor_step > 0, f"aggregator.anchor_step must be > 0, got {anchor_step}")
         require(solver in SOLVERS, f"aggregator.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         require(rcond > 0, f"aggregator.rcond must be > 0, got {rcond}")
         require(beta > 0, f"aggregator.beta must be > 0, got {beta}")
@@ -255,6 +257,9 @@ class FIPA(Aggregator):
         )
         require(others in OTHERS, f"aggregator.others must be one of {', '.join(OTHERS)}, got {others!r}")
         self.step_size = float(step_size)
+        # (H + mu I)^-1 (b + mu g) is taken whole with step_size, or, with anchor_step, as step_size x its curvature
+        # part plus anchor_step x its FedAvg part: the anchor is scaled by anchor_step / step_size before the solve
+        self.anchor_scale = None if anchor_step is None else float(anchor_step) / self.step_size
         self.solver = solver
         self.rcond, self.beta, self.gamma = float(rcond), float(beta), float(gamma)
         self.params = params
@@ -414,7 +419,8 @@ class FIPA(Aggregator):
             self._extra["damping"] = nu = self._nu
             if self.damping_decay is not None:
                 self._nu = max(self.damping, nu * self.damping_decay)
-            return AF.lowrank_anchored_solve(F, b, fedavg_step, nu, relative=True, overwrite_factor=True), None
+            anchor = fedavg_step if self.anchor_scale is None else self.anchor_scale * fedavg_step
+            return AF.lowrank_anchored_solve(F, b, anchor, nu, relative=True, overwrite_factor=True), None
         if not self.complement_step:
             if self.solver == "pinv":
                 return AF.lowrank_pinv_solve(F, b, self.rcond, overwrite_factor=True), None
@@ -455,9 +461,10 @@ class FIPA(Aggregator):
             self._nu = min(self._nu * self.damping_factor, hi)
             self._extra["step_rejected"] = 1.0
         self._extra["damping"] = self._nu
+        anchor = accepted["fedavg_selected"]
         direction = AF.lowrank_anchored_solve(
-            accepted["F"].clone(), accepted["b"], accepted["fedavg_selected"], self._nu, relative=True,
-            overwrite_factor=True,
+            accepted["F"].clone(), accepted["b"], anchor if self.anchor_scale is None else self.anchor_scale * anchor,
+            self._nu, relative=True, overwrite_factor=True,
         )  # fmt: skip
         return accepted["params"], direction, accepted["fedavg"]
 
