@@ -122,13 +122,13 @@ def _later_phase(cfg: DictConfig) -> Phase | None:
     require(lr_scale > 0, f"schedule.lr_scale_after must be > 0, got {lr_scale}")
     node = compose_option("aggregator", schedule.after)
     settings = schedule.get("after_settings") or {}
-    unknown = sorted(set(settings) - set(node))
+    unknown = sorted(str(key) for key in set(settings) - set(node))
     require(
         not unknown,
         f"schedule.after_settings: {', '.join(unknown)} not settings of aggregator={schedule.after} "
-        f"(its settings: {', '.join(k for k in node if k != '_target_')})",
+        f"(its settings: {', '.join(str(k) for k in node if k != '_target_')})",
     )
-    node = OmegaConf.merge(node, settings)
+    node = OmegaConf.merge(node, settings)  # type: ignore[assignment]  # a dict merged into a dict stays a DictConfig
     # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
     with open_dict(cfg):
         cfg.schedule.after_aggregator = node
