@@ -298,3 +298,22 @@ def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggr
     assert cfg.aggregator._target_.endswith("FedAvg")  # bare fipa-train's default is FIPA
     after = {"warmup": None, "fedavg": None, "fedavg_lr01": "fedavg"}.get(variant, variant)
     assert cfg.schedule.after == after
+
+
+def test_rounds_table_medians_worst_ratio_and_first_round_ahead(tmp_path):
+    errors = {("fedavg", 0): [1.0, 0.5, 0.4], ("fedavg", 1): [1.0, 0.6, 0.5],
+              ("fipa", 0): [2.0, 0.4, 0.1], ("fipa", 1): [0.5, 0.9, 0.2]}  # fmt: skip
+    for (variant, seed), values in errors.items():
+        run_dir = tmp_path / f"experiment=p,variant={variant},seed={seed}"
+        run_dir.mkdir()
+        run_dir.joinpath("metrics.csv").write_text(
+            "round,test_rel_l2\n" + "".join(f"{k},{v}\n" for k, v in enumerate(values, 1))
+        )
+    result = script("rounds_table.py", tmp_path, "--rounds", 1, 3)
+    assert result.returncode == 0, result.stderr
+    table = {row["variant"]: row for row in markdown_rows(result.stdout)}
+    assert float(table["fedavg"]["r1"]) == 1.0 and float(table["fedavg"]["r3"]) == 0.45
+    assert float(table["fipa"]["r1"]) == 1.25 and float(table["fipa"]["r3"]) == 0.15
+    assert float(table["fipa"]["worst"]) == 2.0  # seed 0, round 1; seed 1 is behind only in round 2 (1.5x)
+    assert table["fipa"]["ahead_from"] == "2 3"
+    assert script("rounds_table.py", tmp_path / "nothing").returncode == 1
