@@ -169,9 +169,9 @@ def test_unknown_later_phase_aggregator_lists_the_choices(tmp_path):
 
 def test_the_later_phase_takes_settings_for_its_aggregator(tmp_path):
     phased = [*DIGITS, "schedule.switch_round=1", "schedule.after=fipa_lastlayer_robust"]
-    trainer = build(compose_config(*phased, "+schedule.after_settings.damping=0.01"), tmp_path / "a")
+    trainer = build(compose_config(*phased, "+schedule.after_settings.damping=0.05"), tmp_path / "a")
     later = trainer.phases[-1].aggregator
-    assert later.solver == "anchored" and later.damping == 0.01 and later.params == "9.*"
+    assert later.solver == "anchored" and later.damping == 0.05 and later.params == "9.*"  # the yaml says 1e-2
     with pytest.raises(ConfigError, match="schedule.after_settings: dampnig not settings of aggregator=fipa_lastlayer"):
         build(compose_config(*phased, "+schedule.after_settings.dampnig=0.01"), tmp_path / "b")
     with pytest.raises(ConfigError, match="schedule.after_settings take effect only with schedule.switch_round"):
