@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from fipa.aggregators import FIPA, FedFisher
-from fipa.aggregators.fedfisher import adam_minimise, diagonal_fisher_solve, fisher_objective_gradient
+from fipa.aggregators.fedfisher import adam_minimise, fisher_objective_gradient
+from fipa.aggregators.functional import diagonal_fisher_solve
 from fipa.client import ClientUpdate, LocalTrainer, train_client
 from fipa.curvature import CurvatureGroup
 from fipa.curvature.kfac import KFACLayout, kfac_factors, kfac_layers, kfac_solve, kron_sum_matvec, pack

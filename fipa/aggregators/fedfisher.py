@@ -51,13 +51,6 @@ def fisher_objective_gradient(curvature_matvec, rhs: Tensor, damping: float, anc
     return lambda x: 2 * (curvature_matvec(x) - rhs) + 2 * damping * (x - anchor)
 
 
-def diagonal_fisher_solve(rhs: Tensor, diagonal: Tensor, anchor: Tensor, damping: float) -> Tensor:
-    """The closed form (b + damping g) / (h + damping) per coordinate; a coordinate with h + damping = 0 takes g."""
-    numerator, denominator = rhs + damping * anchor, diagonal + damping
-    flat = denominator <= 0
-    return torch.where(flat, anchor, numerator / torch.where(flat, torch.ones_like(denominator), denominator))
-
-
 class FedFisher(Aggregator):
     def __init__(
         self,
@@ -127,10 +120,11 @@ class FedFisher(Aggregator):
         self._global = global_params
         self._update_sum = torch.zeros_like(global_params)  # sum N_m Delta_m: the FedAvg step
         self._total = 0
-        self._rhs = torch.zeros_like(global_params, dtype=torch.float64)  # diagonal: sum N_m d_m Delta_m
-        self._diag_sum = torch.zeros_like(self._rhs)  # diagonal: sum N_m d_m
         if self.representation == "kfac":
             self._kfac.reset(global_params.device)
+        else:
+            self._rhs = torch.zeros_like(global_params, dtype=torch.float64)  # sum N_m d_m Delta_m
+            self._diag_sum = torch.zeros_like(self._rhs)  # sum N_m d_m
 
     def update(self, update: ClientUpdate) -> None:
         n = update.num_samples
@@ -146,11 +140,10 @@ class FedFisher(Aggregator):
         if self._total == 0:
             return self._global
         anchor = AF.mean_from_sum(self._update_sum, self._total).to(torch.float64)  # the FedAvg step
-        diagonal = self._diag_sum / self._total
         if self.representation == "kfac":
             matvec, rhs = self._kfac.matvec, self._kfac.rhs()
         else:
-            rhs = self._rhs / self._total
+            rhs, diagonal = self._rhs / self._total, self._diag_sum / self._total
             matvec = lambda x: diagonal * x
         if self.solver == "adam":
             gradient = fisher_objective_gradient(matvec, rhs, self.damping, anchor)
@@ -158,5 +151,5 @@ class FedFisher(Aggregator):
         elif self.representation == "kfac":
             direction = self._kfac.solve(self.damping, anchor, self.cg_tol, self.cg_max_iters)
         else:
-            direction = diagonal_fisher_solve(rhs, diagonal, anchor, self.damping)
+            direction = AF.diagonal_fisher_solve(rhs, diagonal, anchor, self.damping)
         return self._global + self.step_size * direction.to(self._global.dtype)

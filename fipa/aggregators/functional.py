@@ -48,6 +48,7 @@ __all__ = [
     "accumulate_diagonal",
     "accumulate_weighted",
     "aggregate_rhs",
+    "diagonal_fisher_solve",
     "diagonal_solve",
     "diagonal_weighted_average",
     "factor_rhs",
@@ -176,6 +177,14 @@ def diagonal_solve(numerator: Tensor, denominator: Tensor, fallback: Tensor, rco
         return fallback
     keep = denominator > rcond * denominator.max()
     return torch.where(keep, numerator / torch.where(keep, denominator, torch.ones_like(denominator)), fallback)
+
+
+def diagonal_fisher_solve(rhs: Tensor, diagonal: Tensor, anchor: Tensor, damping: float) -> Tensor:
+    """``(b + damping g) / (h + damping)`` per coordinate, the minimiser of ``sum_i h_i (x_i - b_i / h_i)^2 +
+    damping (x_i - g_i)^2``; a coordinate with ``h + damping = 0`` (no curvature, no damping) takes ``g``."""
+    numerator, denominator = rhs + damping * anchor, diagonal + damping
+    flat = denominator <= 0
+    return torch.where(flat, anchor, numerator / torch.where(flat, torch.ones_like(denominator), denominator))
 
 
 def diagonal_weighted_average(

@@ -87,14 +87,6 @@ class KFACRound:
             X, iterations = kfac_solve(torch.stack(Gs), torch.stack(As), weights, B, damping, rtol, max_iters)
             blocks.append(X)
             self.iterations = max(self.iterations, iterations)
-        rest = self.layout.rest.to(b.device if self._rhs else self._rest_rhs.device)
-        numerator, denominator = self._rest_rhs / total, self._rest_diag / total
-        if anchor64 is not None:
-            numerator = numerator + damping * anchor64[rest]
-        denominator = denominator + damping
-        if anchor64 is None:
-            rest_x = numerator / denominator
-        else:  # a coordinate no client's curvature sees (and no damping) keeps the anchor
-            flat = denominator <= 0
-            rest_x = torch.where(flat, anchor64[rest], numerator / torch.where(flat, 1.0, denominator))
-        return self.layout.vector(blocks, rest_x)
+        rest_rhs, rest_diagonal = self._rest_rhs / total, self._rest_diag / total
+        rest_anchor = torch.zeros_like(rest_rhs) if anchor64 is None else anchor64[self.layout.rest.to(self._device)]
+        return self.layout.vector(blocks, AF.diagonal_fisher_solve(rest_rhs, rest_diagonal, rest_anchor, damping))
