@@ -10,6 +10,9 @@ branched from that checkpoint, one run per variant:
     fipa_lastlayer   last-layer FIPA (r 10, s 10, q 2, beta 0.01, gamma 1), other layers frozen, client lr x0.1
     fipa_robust      full-model robust FIPA (aggregator=fipa_robust: the FedAvg-anchored solve), client lr x0.1
     fipa_lastlayer_robust  last-layer FIPA with the FedAvg-anchored solve (aggregator=fipa_lastlayer_robust)
+    fipa_kfac        full-model FIPA with K-FAC curvature (aggregator=fipa_kfac), client lr x0.1
+    fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
+    fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
 
     python scripts/image_table.py --seeds 0 1 2 --out results/image
     python scripts/image_table.py --clients fedprox scaffold --variants fedavg fipa_lastlayer --out results/image
@@ -44,6 +47,9 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fipa_lastlayer": ["schedule.after=fipa_lastlayer"],
     "fipa_robust": ["schedule.after=fipa_robust"],
     "fipa_lastlayer_robust": ["schedule.after=fipa_lastlayer_robust"],
+    "fipa_kfac": ["schedule.after=fipa_kfac"],
+    "fedfisher": ["schedule.after=fedfisher"],
+    "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
 }
 # Warm-ups and the branches' first phase are FedAvg, whatever train.yaml's default aggregator is (bare fipa-train
 # runs FIPA); the branch phase is chosen by schedule.after.
@@ -161,7 +167,10 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    colors = {"fedavg": "tab:blue", "fedavg_lr01": "tab:green", "fipa": "tab:red", "fipa_lastlayer": "tab:orange"}
+    colors = {
+        "fedavg": "tab:blue", "fedavg_lr01": "tab:green", "fipa": "tab:red", "fipa_lastlayer": "tab:orange",
+        "fipa_kfac": "tab:purple", "fedfisher": "tab:brown", "fedfisher_kfac": "tab:pink",
+    }
     for client in sorted({r["client"] for r in rows}):
         fig = Figure(figsize=(6, 4))
         FigureCanvasAgg(fig)
