@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g.add_argument("--fmnist-rounds", type=int, default=2)
     g.add_argument("--fmnist-override", nargs="*", default=[], help="extra overrides, e.g. +preset.fipa_curvature_samples=128")
     g.add_argument("--fmnist-cases", default="fipa,fipa_lastlayer,fipa_kfac",
-                   help="comma-separated rules timed against fedavg: fipa (fipa_damped), fipa_lastlayer, fipa_kfac")
+                   help="comma-separated rules timed against fedavg: fipa (fipa_damped), fipa_lastlayer, fipa_kfac "
+                        "(factors from the preset's 128 images), fipa_kfac_all (from all images), fipa_kfac_mc "
+                        "(all images, Monte-Carlo), fedfisher, fedfisher_kfac")
     ap.add_argument("--profile", choices=["regression", "regression_full", "cnn"], action="append", default=[],
                     help="after timing, cProfile one more FIPA round of this case (repeatable)")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -285,7 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     *args.fmnist_override]
             lowrank = [f"aggregator.eigensolver={args.eigensolver}"]  # K-FAC has no eigensolver
             known = {"fipa": ["aggregator=fipa_damped", *lowrank], "fipa_lastlayer": ["aggregator=fipa_lastlayer", *lowrank],
-                     "fipa_kfac": ["aggregator=fipa_kfac"]}
+                     "fipa_kfac": ["aggregator=fipa_kfac"],
+                     "fipa_kfac_all": ["aggregator=fipa_kfac", "aggregator.curvature_samples=null"],
+                     "fipa_kfac_mc": ["aggregator=fipa_kfac", "aggregator.estimator=mc", "aggregator.curvature_samples=null"],
+                     "fedfisher": ["aggregator=fedfisher"], "fedfisher_kfac": ["aggregator=fedfisher_kfac"]}
             chosen = [c for c in args.fmnist_cases.split(",") if c]
             unknown = [c for c in chosen if c not in known]
             if unknown:
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(profile_round(runner, args.profile_top))
 
     keys = ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
-            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac") for suffix in ("", "_curvature_per_epoch"))]
+            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac", "fipa_kfac_all", "fipa_kfac_mc", "fedfisher", "fedfisher_kfac") for suffix in ("", "_curvature_per_epoch"))]
     print(" ".join(f"{k}={results[k]:.2f}" for k in keys if k in results))
     return results
 

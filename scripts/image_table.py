@@ -10,7 +10,8 @@ branched from that checkpoint, one run per variant:
     fipa_lastlayer   last-layer FIPA (r 10, s 10, q 2, beta 0.01, gamma 1), other layers frozen, client lr x0.1
     fipa_robust      full-model robust FIPA (aggregator=fipa_robust: the FedAvg-anchored solve), client lr x0.1
     fipa_lastlayer_robust  last-layer FIPA with the FedAvg-anchored solve (aggregator=fipa_lastlayer_robust)
-    fipa_kfac        full-model FIPA with K-FAC curvature (aggregator=fipa_kfac), client lr x0.1
+    fipa_kfac        full-model FIPA with K-FAC curvature (aggregator=fipa_kfac; factors from 128 images), client lr x0.1
+    fipa_kfac_all    fipa_kfac with the factors from all of the client's images
     fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
     fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
 
@@ -48,6 +49,7 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fipa_robust": ["schedule.after=fipa_robust"],
     "fipa_lastlayer_robust": ["schedule.after=fipa_lastlayer_robust"],
     "fipa_kfac": ["schedule.after=fipa_kfac"],
+    "fipa_kfac_all": ["schedule.after=fipa_kfac", "preset.kfac_curvature_samples=null"],
     "fedfisher": ["schedule.after=fedfisher"],
     "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
 }
@@ -169,7 +171,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
 
     colors = {
         "fedavg": "tab:blue", "fedavg_lr01": "tab:green", "fipa": "tab:red", "fipa_lastlayer": "tab:orange",
-        "fipa_kfac": "tab:purple", "fedfisher": "tab:brown", "fedfisher_kfac": "tab:pink",
+        "fipa_kfac": "tab:purple", "fipa_kfac_all": "tab:olive", "fedfisher": "tab:brown", "fedfisher_kfac": "tab:pink",
     }
     for client in sorted({r["client"] for r in rows}):
         fig = Figure(figsize=(6, 4))

@@ -12,7 +12,16 @@ from fipa.aggregators.fedfisher import adam_minimise, fisher_objective_gradient
 from fipa.aggregators.functional import diagonal_fisher_solve
 from fipa.client import ClientUpdate, LocalTrainer, train_client
 from fipa.curvature import CurvatureGroup
-from fipa.curvature.kfac import KFACLayout, kfac_factors, kfac_layers, kfac_solve, kron_sum_matvec, pack
+from fipa.curvature.kfac import (
+    KFACLayout,
+    conjugate_gradient,
+    kfac_factors,
+    kfac_layers,
+    kfac_solve,
+    kron_mean_preconditioner,
+    kron_sum_matvec,
+    pack,
+)
 from fipa.data import batch_loader
 from fipa.errors import ConfigError
 from fipa.parameters import FlatParameters
@@ -94,6 +103,30 @@ def test_factors_match_a_dense_per_sample_reference(loss, estimator):
         torch.testing.assert_close(G, G_ref)
 
 
+def test_linear_layer_over_a_sequence_counts_every_position_as_a_location():
+    """A Linear applied to (batch, positions, features): A averages the positions, G sums them (K-FAC expand), the
+    layout features-last (a 4-D Linear input must not be read as a convolution's channels-first gradient)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4, dtype=DT), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 4, 2, dtype=DT))
+    x = torch.randn(6, 2, 5, 3, dtype=DT)  # two leading location dims
+
+    def output_fn(params, xi):
+        return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    layers, _ = kfac_layers(model, [n for n, _ in model.named_parameters()])
+    (A, G), _ = kfac_factors(model, layers, [CurvatureGroup(output_fn, x, None, loss="mse", weight=1 / 6)], "ggn")
+    A_ref, G_ref = torch.zeros(4, 4, dtype=DT), torch.zeros(4, 4, dtype=DT)
+    for xi in x:
+        rows = torch.cat([xi.reshape(10, 3), torch.ones(10, 1, dtype=DT)], dim=1)
+        A_ref += rows.T @ rows / 10 / 6
+        J = torch.autograd.functional.jacobian(lambda h: model[3](torch.tanh(h).reshape(-1)), model[0](xi))
+        J = J.reshape(2, 10, 4)  # (outputs, locations, features)
+        for t in range(10):
+            G_ref += J[:, t].T @ J[:, t] / 6
+    torch.testing.assert_close(A, A_ref)
+    torch.testing.assert_close(G, G_ref)
+
+
 def test_mc_factors_average_to_the_ggn_factors():
     model = conv_net()
     x = torch.randn(4, 2, 4, 4, dtype=DT)
@@ -140,6 +173,35 @@ def test_kronecker_matvec_and_cg_solve_match_the_dense_kronecker_matrix():
     expected = torch.linalg.solve(dense + 0.05 * torch.eye(15, dtype=DT), X.reshape(-1))
     torch.testing.assert_close(solved.reshape(-1), expected)
     assert 0 < iterations <= 15 + 5
+
+
+def test_kronecker_preconditioner_inverts_the_mean_factors_product_and_cuts_cg_iterations():
+    g = torch.Generator().manual_seed(2)
+    Gs = torch.stack([random_spd(4, g) for _ in range(3)])
+    As = torch.stack([random_spd(6, g) for _ in range(3)])
+    weights = torch.tensor([1.0, 2.0, 1.0], dtype=DT)  # not normalised: A_bar divides by the sum, G_bar does not
+    R = torch.randn(4, 6, dtype=DT, generator=g)
+    G_bar, A_bar = torch.einsum("m,mij->ij", weights, Gs), torch.einsum("m,mij->ij", weights, As) / 4
+    dense = torch.kron(G_bar, A_bar) + 0.3 * torch.eye(24, dtype=DT)
+    applied = kron_mean_preconditioner(Gs, As, weights, 0.3)(R)
+    torch.testing.assert_close(applied.reshape(-1), torch.linalg.solve(dense, R.reshape(-1)))
+
+    # one client: the preconditioner is the exact inverse, so CG stops after one step
+    _, one = kfac_solve(Gs[:1], As[:1], weights[:1] / 1.0, R, damping=1e-6, rtol=1e-10)
+    assert one == 1
+    # heterogeneous clients, small damping: the same solution as the dense system in far fewer steps than plain CG
+    Gs = torch.stack([random_spd(8, g) * scale for scale in (1.0, 3.0)])
+    As = torch.stack([random_spd(30, g, rank=10) for _ in range(2)])  # rank-deficient: only the damping lifts them
+    weights = torch.tensor([0.4, 0.6], dtype=DT)
+    B = torch.randn(8, 30, dtype=DT, generator=g)
+    damping = 1e-5
+    expected = torch.linalg.solve(dense_kron_sum(Gs, As, weights) + damping * torch.eye(240, dtype=DT), B.reshape(-1))
+    solved, preconditioned = kfac_solve(Gs, As, weights, B, damping, rtol=1e-10)
+    torch.testing.assert_close(solved.reshape(-1), expected)
+    _, plain = conjugate_gradient(
+        lambda X: kron_sum_matvec(Gs, As, weights, X) + damping * X, B, rtol=1e-10, max_iters=2000
+    )
+    assert preconditioned < plain / 3, (preconditioned, plain)
 
 
 class _Layout:
