@@ -15,6 +15,8 @@ round by round with a rotating order, after ``--warmup-rounds`` untimed rounds. 
 
 (iv) ``--fmnist``: the fmnist_dirichlet preset (SmallCNN), FedAvg against the rules of ``--fmnist-cases``
     (fipa_damped, fipa_lastlayer and fipa_kfac by default), ratios of the median round times.
+(v) ``--resnet``: ResNet-20-GN (the paper's CIFAR-10 model) on synthetic 3x32x32 images, FedAvg against
+    fipa_kfac (factors from 128 images per client): round ratio and curvature per local epoch.
 
 Ends with the line
 ``ratio_regression_fipa=.. ratio_regression_fipa_full=.. ratio_cnn_fipa=.. ratio_cnn_curvature_per_epoch=..``.
@@ -27,6 +29,8 @@ Ends with the line
         --clients 2 --images 10 --test-images 10                 # a few seconds
     python benchmarks/bench_fipa_round.py --skip-regression --skip-cnn --fmnist --fmnist-cases fipa_kfac \
         --fmnist-rounds 2 --fmnist-override task.train_subset=3000 task.test_subset=200   # K-FAC smoke, seconds
+    python benchmarks/bench_fipa_round.py --skip-regression --skip-cnn --resnet --resnet-images 20 \
+        --resnet-curvature-samples 8 --test-images 10 --resnet-rounds 1      # ResNet-20 K-FAC smoke, seconds
 """
 
 from __future__ import annotations
@@ -143,13 +147,13 @@ def regression_trainer(aggregator: str, tau: int, rounds: int, points: int | Non
     return build(cfg, workdir / aggregator)
 
 
-def synthetic_images(clients: int, images: int, test_images: int, classes: int, seed: int):
+def synthetic_images(clients: int, images: int, test_images: int, classes: int, seed: int, shape=(1, 28, 28)):
     gen = torch.Generator().manual_seed(seed)
     client_data = [
-        (torch.randn(images, 1, 28, 28, generator=gen), torch.randint(0, classes, (images,), generator=gen))
+        (torch.randn(images, *shape, generator=gen), torch.randint(0, classes, (images,), generator=gen))
         for _ in range(clients)
     ]
-    test_data = (torch.randn(test_images, 1, 28, 28, generator=gen),
+    test_data = (torch.randn(test_images, *shape, generator=gen),
                  torch.randint(0, classes, (test_images,), generator=gen))
     return client_data, test_data
 
@@ -175,6 +179,33 @@ def cnn_trainer(aggregator: str, args, rounds: int):
     else:
         agg = FedAvg()
     federation = FederationConfig(rounds=rounds, local_epochs=args.cnn_epochs)
+    parts = assemble(task, model, functools.partial(torch.optim.SGD, lr=args.lr), agg, federation, seed=args.seed)
+    return FederatedTrainer.from_components(parts, show_progress=False)
+
+
+def resnet_trainer(aggregator: str, args, rounds: int):
+    """ResNet-20-GN (the paper's CIFAR-10 model, 269,722 parameters) on CIFAR-shaped synthetic images: the cost of a
+    round does not depend on the pixels, and CIFAR-10 needs a download this machine cannot make."""
+    from fipa.aggregators import FIPA, FedAvg
+    from fipa.components import assemble
+    from fipa.config import FederationConfig
+    from fipa.federated_trainer import FederatedTrainer
+    from fipa.models import ResNet20GN
+    from fipa.seeding import INIT, torch_generator
+    from fipa.tasks.classification import ClassificationTask
+
+    classes = 10
+    client_data, test_data = synthetic_images(args.resnet_clients, args.resnet_images, args.test_images, classes,
+                                              args.seed, shape=(3, 32, 32))
+    task = ClassificationTask(client_data=client_data, test_data=test_data, num_classes=classes,
+                              batch_size=args.batch_size)
+    model = ResNet20GN(generator=torch_generator(args.seed, INIT))
+    if aggregator == "fipa_kfac":  # conf/aggregator/fipa_kfac.yaml with cifar10_resnet20's 128 curvature images
+        agg = FIPA(rank=None, step_size=1.0, solver="damped", beta=0.5, gamma=0.5, representation="kfac",
+                   curvature_samples=args.resnet_curvature_samples, sample_block=args.sample_block, seed=args.seed)
+    else:
+        agg = FedAvg()
+    federation = FederationConfig(rounds=rounds, local_epochs=args.resnet_epochs)
     parts = assemble(task, model, functools.partial(torch.optim.SGD, lr=args.lr), agg, federation, seed=args.seed)
     return FederatedTrainer.from_components(parts, show_progress=False)
 
@@ -216,6 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    help="comma-separated rules timed against fedavg: fipa (fipa_damped), fipa_lastlayer, fipa_kfac "
                         "(factors from the preset's 128 images), fipa_kfac_all (from all images), fipa_kfac_mc "
                         "(all images, Monte-Carlo), fedfisher, fedfisher_kfac")
+    g = ap.add_argument_group("ResNet-20-GN (v): synthetic 3x32x32 images, FedAvg against fipa_kfac")
+    g.add_argument("--resnet", action="store_true", help="also time ResNet-20-GN rounds (a minute or more each)")
+    g.add_argument("--resnet-rounds", type=int, default=2)
+    g.add_argument("--resnet-clients", type=int, default=5, help="clients per round (the paper: 5 of 100)")
+    g.add_argument("--resnet-images", type=int, default=500, help="images per client (CIFAR-10 over 100 clients)")
+    g.add_argument("--resnet-epochs", type=int, default=1, help="local epochs (the paper: 5; time scales linearly)")
+    g.add_argument("--resnet-curvature-samples", type=int, default=128)
     ap.add_argument("--profile", choices=["regression", "regression_full", "cnn"], action="append", default=[],
                     help="after timing, cProfile one more FIPA round of this case (repeatable)")
     ap.add_argument("--profile-top", type=int, default=25)
@@ -317,6 +355,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 print(f"fmnist {runner.name}/fedavg round time = {runner.median('round_s'):.3f}s / "
                       f"{fedavg.median('round_s'):.3f}s = {ratio:.2f}x; curvature / one local epoch = {curv:.2f}x")
 
+        if args.resnet:
+            torch.set_num_threads(args.threads)
+            total = args.warmup_rounds + args.resnet_rounds
+            runners = [RoundRunner(name, resnet_trainer(name, args, total)) for name in ("fedavg", "fipa_kfac")]
+            print(f"\n(v) ResNet-20-GN: {args.resnet_clients} clients x {args.resnet_images} synthetic 3x32x32 images, "
+                  f"{args.resnet_epochs} local epoch(s), batch {args.batch_size}, threads={torch.get_num_threads()}; "
+                  f"fipa_kfac: K-FAC from {args.resnet_curvature_samples} images per client", flush=True)
+            interleave(runners, args.resnet_rounds, args.warmup_rounds, "resnet")
+            report(runners, "resnet")
+            fedavg, kfac = runners
+            epoch_s = fedavg.median("train_s") / args.resnet_epochs
+            results["ratio_resnet_fipa_kfac"] = kfac.median("round_s") / fedavg.median("round_s")
+            results["ratio_resnet_fipa_kfac_curvature_per_epoch"] = kfac.median("curvature_s") / epoch_s
+            results["resnet_fedavg_round_s"] = fedavg.median("round_s")
+            results["resnet_fipa_kfac_round_s"] = kfac.median("round_s")
+            print(f"resnet fipa_kfac/fedavg round time = {kfac.median('round_s'):.2f}s / {fedavg.median('round_s'):.2f}s "
+                  f"= {results['ratio_resnet_fipa_kfac']:.2f}x; curvature / one local epoch = "
+                  f"{results['ratio_resnet_fipa_kfac_curvature_per_epoch']:.2f}x")
+
         for label, runner in profiles:
             if label.startswith("cnn"):
                 torch.set_num_threads(args.threads)
@@ -325,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"\ncProfile of one {label} round:")
             print(profile_round(runner, args.profile_top))
 
-    keys = ["ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
+    keys = ["ratio_resnet_fipa_kfac", "ratio_resnet_fipa_kfac_curvature_per_epoch", "ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
             *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac", "fipa_kfac_all", "fipa_kfac_mc", "fedfisher", "fedfisher_kfac") for suffix in ("", "_curvature_per_epoch"))]
     print(" ".join(f"{k}={results[k]:.2f}" for k in keys if k in results))
     return results

@@ -12,9 +12,12 @@ from fipa.aggregators.fedfisher import adam_minimise, fisher_objective_gradient
 from fipa.aggregators.functional import diagonal_fisher_solve
 from fipa.client import ClientUpdate, LocalTrainer, train_client
 from fipa.curvature import CurvatureGroup
+from fipa.curvature.ggn import curvature_diagonal
 from fipa.curvature.kfac import (
     KFACLayout,
     conjugate_gradient,
+    group_norms,
+    kfac_curvature,
     kfac_factors,
     kfac_layers,
     kfac_solve,
@@ -125,6 +128,42 @@ def test_linear_layer_over_a_sequence_counts_every_position_as_a_location():
             G_ref += J[:, t].T @ J[:, t] / 6
     torch.testing.assert_close(A, A_ref)
     torch.testing.assert_close(G, G_ref)
+
+
+@pytest.mark.parametrize("estimator", ["ggn", "mc", "empirical"])
+def test_group_norm_diagonal_from_the_kfac_pass_matches_per_sample_jacobians(estimator):
+    """GroupNorm's weight and bias diagonal, read off the K-FAC backward passes, equals the per-sample-Jacobian
+    diagonal of fipa.curvature.ggn (itself tested against dense Jacobians), for every estimator (mc: same noise)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False, dtype=DT),
+        nn.GroupNorm(2, 4, dtype=DT),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3, dtype=DT),
+    )
+    with torch.no_grad():  # away from the identity affine map, so a wrong formula shows
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(7, 2, 4, 4, dtype=DT), torch.randint(3, (7,))
+
+    def output_fn(params, xi):
+        return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    groups = [CurvatureGroup(output_fn, x, y, loss="cross_entropy", weight=1 / 7)]
+    names = [n for n, _ in model.named_parameters()]
+    layers, rest = kfac_layers(model, names)
+    assert rest == ["1.weight", "1.bias"] and group_norms(model, rest) == ["1"]
+    factors, diagonals = kfac_curvature(
+        model, layers, groups, estimator, torch.Generator().manual_seed(5), chunk_size=3, norms=["1"]
+    )
+    params = {n: p.detach() for n, p in model.named_parameters() if n in rest}
+    expected = curvature_diagonal(params, groups, estimator, torch.Generator().manual_seed(5)).detach()
+    torch.testing.assert_close(torch.cat([diagonals["1.weight"], diagonals["1.bias"]]), expected)
+    assert expected.abs().min() > 0
+    for (A, G), (A_ref, G_ref) in zip(factors, kfac_factors(model, layers, groups, estimator, torch.Generator().manual_seed(5))):
+        torch.testing.assert_close(A, A_ref)
+        torch.testing.assert_close(G, G_ref)
 
 
 def test_mc_factors_average_to_the_ggn_factors():

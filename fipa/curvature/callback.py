@@ -14,7 +14,7 @@ from fipa.client import ClientCallback, client_model, set_local_epochs
 from fipa.curvature.adaptive import adaptive_local_epochs, kept_by_cutoff, relative_cutoff
 from fipa.curvature.eigen import LowRankCurvature, randomized_eigenpairs, top_eigenpairs_from_rows
 from fipa.curvature.ggn import curvature_diagonal, curvature_matvec, factor_rows, subsample_groups
-from fipa.curvature.kfac import kfac_factors, kfac_layers, pack
+from fipa.curvature.kfac import group_norms, kfac_curvature, kfac_layers, pack
 from fipa.errors import require
 from fipa.seeding import CURVATURE, torch_generator
 
@@ -276,14 +276,14 @@ class CurvatureCallback(ClientCallback):
         )
         model = client_model(pl_module)
         layers, rest = kfac_layers(model, list(params))
-        factors = kfac_factors(model, layers, groups, self.estimator, generator, self.sample_block)
-        rest_params = {name: params[name] for name in rest}
+        norms = group_norms(model, rest)
+        factors, diagonals = kfac_curvature(model, layers, groups, self.estimator, generator, self.sample_block, norms)
+        others = {name: params[name] for name in rest if name not in diagonals}  # e.g. LayerNorm, grouped convs
+        if others:
+            flat = curvature_diagonal(others, groups, self.estimator, generator, self.sample_block).detach()
+            diagonals.update(zip(others, flat.split([p.numel() for p in others.values()])))
         ref = next(iter(params.values()))
-        diagonal = (
-            curvature_diagonal(rest_params, groups, self.estimator, generator, self.sample_block)
-            if rest_params
-            else ref.new_zeros(0)
-        )
+        diagonal = torch.cat([diagonals[name].reshape(-1) for name in rest]) if rest else ref.new_zeros(0)
         return {
             "kfac_input_factors": pack([A for A, _ in factors]),
             "kfac_output_factors": pack([G for _, G in factors]),

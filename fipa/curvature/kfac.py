@@ -13,7 +13,8 @@ appended to a): the bias block and its coupling to the weight come from the same
 row and column of A. Conv2d (groups=1) is the "expand" K-FAC of Grosse & Martens (2016) / Eschenhagen et al.
 (2023): every spatial location t is a sample of its own, A = sum_i w_i (1/T) sum_t a_it a_it^T / sum_i w_i with
 a_it the unfolded input patch, G = sum_i w_i sum_t g_it g_it^T. Every other parameter (norm layers, grouped
-convolutions, a bias whose weight is not selected) is left to the caller, which takes its diagonal.
+convolutions, a bias whose weight is not selected) takes its diagonal: GroupNorm's from the same backward passes
+(`kfac_curvature`), the rest from the caller (per-sample Jacobians, `fipa.curvature.ggn.curvature_diagonal`).
 
 Factors are gathered with forward hooks on a batched forward pass of the model: this needs curvature groups whose
 output function is the model itself applied to one sample (not, e.g., a PINN residual of input derivatives).
@@ -35,6 +36,8 @@ __all__ = [
     "KFACLayer",
     "KFACLayout",
     "conjugate_gradient",
+    "group_norms",
+    "kfac_curvature",
     "kfac_factors",
     "kfac_layers",
     "kfac_solve",
@@ -90,6 +93,19 @@ def kfac_layers(model: nn.Module, selected: Sequence[str]) -> tuple[list[KFACLay
     return layers, rest
 
 
+def group_norms(model: nn.Module, selected: Sequence[str]) -> list[str]:
+    """The affine GroupNorm modules with a parameter among `selected`: their weight and bias get their exact
+    diagonal from the K-FAC pass itself (`kfac_curvature`), not from per-sample Jacobians."""
+    chosen = set(selected)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.GroupNorm)
+        and module.affine
+        and {f"{name}.weight" if name else "weight", f"{name}.bias" if name else "bias"} & chosen
+    ]
+
+
 def _add_input_gram(module: nn.Module, x: Tensor, with_bias: bool, A: Tensor, alpha: float) -> None:
     """A += alpha / T * sum over samples and locations of [a; 1][a; 1]^T, T the locations per sample.
 
@@ -135,17 +151,40 @@ def kfac_factors(
     generator: torch.Generator | None = None,
     chunk_size: int | None = 256,
 ) -> list[tuple[Tensor, Tensor]]:
-    """(A, G) of every layer (module docstring), from batched forward passes of `model` over the groups' inputs.
+    """(A, G) of every layer (module docstring): `kfac_curvature` without norm layers."""
+    return kfac_curvature(model, layers, groups, estimator, generator, chunk_size)[0]
+
+
+def kfac_curvature(
+    model: nn.Module,
+    layers: Sequence[KFACLayer],
+    groups: Sequence[CurvatureGroup],
+    estimator: str = "ggn",
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = 256,
+    norms: Sequence[str] = (),
+) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+    """(A, G) of every layer (module docstring), from batched forward passes of `model` over the groups' inputs,
+    and the exact GGN diagonal of the GroupNorm modules `norms` (`group_norms`), keyed by parameter name.
 
     The output factors s (ggn: exact S = s s^T; mc: one sample; empirical: the loss gradient) and the mc noise are
     those of `fipa.curvature.ggn`, so every estimator means the same here as for the low-rank and diagonal
-    representations. One backward pass per factor column gives every layer's g at once.
+    representations. One backward pass per factor column gives every layer's g at once, and with it the norm
+    layers' per-sample gradients: y = gamma x_hat + beta gives d/dgamma = sum over locations of g x_hat and
+    d/dbeta = sum of g, whose squares summed over samples and columns are the diagonal (what per-sample Jacobians
+    through the whole network would cost C backward passes per sample for).
     """
     modules = dict(model.named_modules())
-    ref = modules[layers[0].module].weight
+    ref = next(model.parameters())
     _, noises = _prepare(dict(model.named_parameters()), groups, estimator, generator)  # validation, mc noise
     A = [torch.zeros(layer.in_dim, layer.in_dim, dtype=ref.dtype, device=ref.device) for layer in layers]
     G = [torch.zeros(layer.out_dim, layer.out_dim, dtype=ref.dtype, device=ref.device) for layer in layers]
+    diagonals = {
+        f"{name}.{kind}": torch.zeros(modules[name].num_channels, dtype=ref.dtype, device=ref.device)
+        for name in norms
+        for kind in ("weight", "bias")
+    }
+    watched = [layer.module for layer in layers] + list(norms)
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 
     def capture(name: str) -> Callable:
@@ -157,7 +196,7 @@ def kfac_factors(
 
         return hook
 
-    handles = [modules[layer.module].register_forward_hook(capture(layer.module)) for layer in layers]
+    handles = [modules[name].register_forward_hook(capture(name)) for name in watched]
     total_weight = 0.0
     try:
         for group, noise in zip(groups, noises):
@@ -168,15 +207,20 @@ def kfac_factors(
                 with torch.enable_grad():
                     z = model(inputs).reshape(len(inputs), -1)
                     s = _factors(z.detach(), targets, eps, group.loss, estimator)  # (b, C, k)
-                    outputs = [captured[layer.module][1] for layer in layers]
+                    outputs = [captured[name][1] for name in watched]
+                    normalized = [_group_normalized(modules[name], captured[name][0]) for name in norms]
                     for j in range(s.shape[-1]):
                         grads = torch.autograd.grad(
                             z, outputs, s[..., j], retain_graph=j + 1 < s.shape[-1], allow_unused=True
                         )
                         for index, (layer, grad) in enumerate(zip(layers, grads)):
-                            if grad is None:  # a layer off the path to the outputs has no curvature
-                                continue
-                            _add_output_gram(modules[layer.module], grad, G[index], weight)
+                            if grad is not None:  # a layer off the path to the outputs has no curvature
+                                _add_output_gram(modules[layer.module], grad, G[index], weight)
+                        for name, x_hat, grad in zip(norms, normalized, grads[len(layers) :]):
+                            if grad is not None:
+                                g = grad.flatten(2)  # (b, C, locations)
+                                diagonals[f"{name}.weight"].add_((g * x_hat).sum(2).square().sum(0), alpha=weight)
+                                diagonals[f"{name}.bias"].add_(g.sum(2).square().sum(0), alpha=weight)
                 for index, layer in enumerate(layers):
                     inputs_seen = captured[layer.module][0]
                     _add_input_gram(modules[layer.module], inputs_seen, layer.bias is not None, A[index], weight)
@@ -188,7 +232,13 @@ def kfac_factors(
     if total_weight > 0:
         for factor in A:
             factor /= total_weight
-    return list(zip(A, G))
+    return list(zip(A, G)), diagonals
+
+
+def _group_normalized(module: nn.Module, x: Tensor) -> Tensor:
+    """GroupNorm's normalised input x_hat (before its affine map), flattened to (b, C, locations)."""
+    assert isinstance(module, nn.GroupNorm)
+    return F.group_norm(x, module.num_groups, eps=module.eps).flatten(2)
 
 
 # ---------------------------------------------------------------------------------------- transport
