@@ -4,7 +4,7 @@ they hold the same data, the same initial model and the same client halves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -16,6 +16,7 @@ from fipa.errors import require
 from fipa.local_steps import check_compilable
 from fipa.parameters import FlatParameters
 from fipa.seeding import INIT, torch_generator
+from fipa.server_optimizers import ServerOptimizer, ServerSGD
 from fipa.tasks.base import FederatedTask
 
 DTYPES = ("float32", "float64")
@@ -44,6 +45,7 @@ class Components:
     federation: FederationConfig
     seed: int
     trainer: TrainerSettings  # how clients train locally: device, precision, compiled updates
+    server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)  # applies each round's proposal
 
 
 def validate(cfg: DictConfig) -> None:
@@ -76,7 +78,11 @@ def build_components(cfg: DictConfig) -> Components:
     if later is not None:
         phases.append(later)
     client_methods = [instantiate(c) for c in cfg.client.callbacks]
-    return assemble(task, model, instantiate(cfg.optimizer), phases, federation, client_methods, cfg.seed, trainer)
+    # a run directory saved before the server-optimizer seam has none: its rounds were plain sgd (lr 1)
+    server_optimizer = instantiate(cfg.server_optimizer) if cfg.get("server_optimizer") else None
+    return assemble(
+        task, model, instantiate(cfg.optimizer), phases, federation, client_methods, cfg.seed, trainer, server_optimizer
+    )
 
 
 def assemble(
@@ -88,11 +94,12 @@ def assemble(
     client_methods: list[ClientCallback] | None = None,
     seed: int = 0,
     trainer: TrainerSettings | None = None,
+    server_optimizer: ServerOptimizer | None = None,
 ) -> Components:
     """A run's parts from Python objects (what `build_components` does from a config): the client module of the
     task's kind around `model`, with `optimizer` a callable of the parameters, e.g. functools.partial(torch.optim.SGD,
     lr=0.1); `phases` a list of Phase, or one aggregator for the whole run. The data and the model move to the
-    trainer's device once, for the whole run."""
+    trainer's device once, for the whole run. `server_optimizer` applies each round's proposal (None: sgd, lr 1)."""
     trainer = trainer or TrainerSettings()
     if trainer.compile:  # the compiled update needs an optimizer with a functional form: say so before training
         check_compilable(optimizer([torch.nn.Parameter(torch.zeros(1))]))
@@ -105,7 +112,17 @@ def assemble(
     for phase in phases:
         phase.aggregator.bind(flat)
     federation = federation or FederationConfig()
-    return Components(task, module, flat, phases, list(client_methods or []), federation, seed, trainer)
+    return Components(
+        task,
+        module,
+        flat,
+        phases,
+        list(client_methods or []),
+        federation,
+        seed,
+        trainer,
+        server_optimizer or ServerSGD(),
+    )
 
 
 def _later_phase(cfg: DictConfig) -> Phase | None:

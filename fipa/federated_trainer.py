@@ -20,6 +20,7 @@ from fipa.errors import ConfigError, require
 from fipa.executors import Executor
 from fipa.parameters import FlatParameters
 from fipa.seeding import DROPOUT, SAMPLING, numpy_rng
+from fipa.server_optimizers import ServerOptimizer, ServerSGD
 from fipa.tasks.base import FederatedTask
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class FederatedTrainer:
         seed: int = 0,
         show_progress: bool | None = None,
         output_dir: str | Path | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ):
         per_round = federation.clients_per_round
         require(
@@ -54,6 +56,7 @@ class FederatedTrainer:
         )
         self.task, self.model, self.flat = task, model, flat  # the global model: evaluated and saved here
         self.phases = phases
+        self.server_optimizer = server_optimizer or ServerSGD()  # moves the model along each round's proposal
         self.client_methods = list(client_methods or [])  # their server side: controls, previous models, ...
         self.federation = federation
         self.executor = executor  # where clients train: this process, or Ray workers
@@ -84,6 +87,7 @@ class FederatedTrainer:
             executor,
             client_methods=parts.client_methods,
             seed=parts.seed,
+            server_optimizer=parts.server_optimizer,
             **kwargs,
         )
 
@@ -153,15 +157,18 @@ class FederatedTrainer:
             aggregator.update(update)
 
         start = time.perf_counter()
-        if client_metrics:
-            new_params = aggregator.compute()
-        else:
+        new_params = global_params
+        if not client_metrics:
             log.warning("round %d: no client returned an update; keeping the previous model", round_idx)
-            new_params = global_params
+        else:
+            proposed = aggregator.compute()
+            if torch.isfinite(proposed).all():
+                new_params = self.server_optimizer.step(global_params, proposed)
+            else:  # neither the model nor the server optimizer's state take a non-finite proposal
+                log.warning(
+                    "round %d: aggregation produced non-finite parameters; keeping the previous model", round_idx
+                )
         aggregate_s = time.perf_counter() - start
-        if not torch.isfinite(new_params).all():
-            log.warning("round %d: aggregation produced non-finite parameters; keeping the previous model", round_idx)
-            new_params = global_params
 
         row: dict[str, Any] = {
             "clients": len(clients),
@@ -192,6 +199,7 @@ class FederatedTrainer:
             "parameter_names": self.flat.names,
             "client_methods": [method.state_dict() for method in self.client_methods],
             "aggregators": [phase.aggregator.state_dict() for phase in self.phases],
+            "server_optimizer": self.server_optimizer.state_dict(),
             "clock": dict(self.clock),
             "rng": rng_states(),
             "metrics": self.history,
@@ -225,6 +233,7 @@ class FederatedTrainer:
         )
         for phase, aggregator_state in zip(self.phases, state["aggregators"]):
             phase.aggregator.load_state_dict(aggregator_state)
+        self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))  # none before the seam existed
         self.clock = dict(state["clock"])
         set_rng_states(state["rng"])
         self.history = [dict(row) for row in state["metrics"]]

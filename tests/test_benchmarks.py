@@ -91,10 +91,21 @@ def test_bench_fipa_round_fmnist_part_runs_and_prints_ratios(capsys):
 
     if not any(DEBIAN_FASHION_MNIST.glob("train-images*")):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    cases = ("fipa", "fipa_lastlayer", "fipa_kfac", "fedfisher_kfac")
     argv = ["--skip-regression", "--skip-cnn", "--fmnist", "--fmnist-rounds", "1", "--warmup-rounds", "0",
-            "--fmnist-override", "task.train_subset=1000", "task.test_subset=100", "+preset.fipa_curvature_samples=8"]
+            "--fmnist-cases", ",".join(cases), "--fmnist-override", "task.train_subset=1000", "task.test_subset=100",
+            "+preset.fipa_curvature_samples=8", "preset.kfac_curvature_samples=8"]
     _, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
-    assert_ratios(printed, [f"ratio_fmnist_{n}{s}" for n in ("fipa", "fipa_lastlayer") for s in ("", "_curvature_per_epoch")])
+    assert_ratios(printed, [f"ratio_fmnist_{n}{s}" for n in cases for s in ("", "_curvature_per_epoch")])
+
+
+@pytest.mark.slow  # ResNet-20 forward and backward passes (~30 s)
+def test_bench_fipa_round_resnet_part_runs_and_prints_ratios(capsys):
+    argv = ["--skip-regression", "--skip-cnn", "--resnet", "--resnet-rounds", "1", "--warmup-rounds", "0",
+            "--resnet-clients", "2", "--resnet-images", "8", "--resnet-curvature-samples", "4", "--test-images", "4"]
+    returned, printed = run_benchmark("bench_fipa_round.py", argv, capsys)
+    assert_ratios(printed, ["ratio_resnet_fipa_kfac", "ratio_resnet_fipa_kfac_curvature_per_epoch"])
+    assert returned["resnet_fipa_kfac_round_s"] > 0
 
 
 @pytest.mark.slow  # a fresh subprocess for the memory part (~25 s)

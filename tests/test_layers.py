@@ -20,7 +20,7 @@ LAYERS = [
      "fipa.curvature.kfac",
      "fipa.curvature", "fipa.pde", "fipa.pde.operators", "fipa.pde.problems", "fipa.models", "fipa.models.cnn",
      "fipa.models.mlp", "fipa.models.resnet", "fipa.results", "fipa.plotting", "fipa.config", "fipa.recorders",
-     "fipa.local_steps"},
+     "fipa.local_steps", "fipa.server_optimizers"},
     {"fipa.client"},
     {"fipa.client_methods", "fipa.curvature.callback", "fipa.tasks", "fipa.tasks.base", "fipa.tasks.regression",
      "fipa.tasks.pinn", "fipa.tasks.classification", "fipa.tasks.image"},
