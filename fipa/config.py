@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fipa.errors import ConfigError, require
+from fipa.seeding import LOCAL_WORK, numpy_rng
 
 CONFIG_DIR = next(
     str(path)
@@ -26,6 +27,7 @@ class FederationConfig:
     rounds: int = 100
     local_epochs: int = 20
     local_epochs_scale: int = 1  # multiplies local_epochs: "FedAvg with 10x local epochs" across presets' taus
+    local_epochs_max: int | None = None  # unequal local work: each client's epochs ~ U{local_epochs..this} per round
     clients_per_round: int | None = None  # None: all clients, every round
     time_budget_s: float | None = None  # stop once the accumulated round time exceeds it (equal-time protocol)
     eval_every: int = 1  # rounds between test evaluations; the rounds in between leave the test metrics empty
@@ -42,6 +44,11 @@ class FederationConfig:
         )
         require(self.eval_every >= 1, f"federation.eval_every must be >= 1, got {self.eval_every}")
         require(
+            self.local_epochs_max is None or self.local_epochs_max >= self.local_epochs,
+            f"federation.local_epochs_max must be >= local_epochs ({self.local_epochs}) or null, "
+            f"got {self.local_epochs_max}",
+        )
+        require(
             self.time_budget_s is None or self.time_budget_s > 0,
             f"federation.time_budget_s must be > 0 or null, got {self.time_budget_s}",
         )
@@ -54,8 +61,17 @@ class FederationConfig:
 
     @property
     def epochs_per_round(self) -> int:
-        """Local epochs each client trains per round (tau)."""
+        """Local epochs each client trains per round (tau); with local_epochs_max, the fewest."""
         return self.local_epochs * self.local_epochs_scale
+
+    def client_epochs(self, seed: int, round_idx: int, client_id: int) -> int:
+        """The epochs this client trains this round: tau, or with `local_epochs_max` a draw from
+        U{local_epochs, ..., local_epochs_max} (FedNova's heterogeneous local work, Wang et al. 2020), seeded by
+        (seed, round, client) so every process draws the same; times local_epochs_scale."""
+        if self.local_epochs_max is None:
+            return self.epochs_per_round
+        rng = numpy_rng(seed, LOCAL_WORK, round_idx, client_id)
+        return int(rng.integers(self.local_epochs, self.local_epochs_max + 1)) * self.local_epochs_scale
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fipa.client import ClientCallback, ClientModule, ClientUpdate, LocalTrainer, TrainerSettings, train_client
 from fipa.components import Components, Phase, build_components, phase_of
+from fipa.config import FederationConfig
 from fipa.parameters import FlatParameters
 from fipa.seeding import AUGMENT, SHUFFLE, torch_generator
 from fipa.tasks.base import FederatedTask
@@ -36,11 +37,13 @@ class ClientRunner:
         lr_decay: float = 1.0,
         seed: int = 0,
         trainer: TrainerSettings | None = None,
+        federation: FederationConfig | None = None,
     ):
         self.task, self.module, self.flat = task, module, flat
         self.phases = phases
         self.client_methods = list(client_methods)
         self.epochs_per_round = epochs_per_round
+        self.federation = federation  # with local_epochs_max, each job's epochs are drawn from it
         self.lr_decay = lr_decay
         self.seed = seed
         # One reused Lightning Trainer per phase: its callbacks are the phase's client half plus the client methods.
@@ -60,6 +63,7 @@ class ClientRunner:
             parts.federation.lr_decay,
             parts.seed,
             parts.trainer,
+            parts.federation,
         )
 
     @classmethod
@@ -68,6 +72,11 @@ class ClientRunner:
         from omegaconf import OmegaConf
 
         return cls.from_components(build_components(OmegaConf.create(config)))
+
+    def epochs_of(self, round_idx: int, client_id: int) -> int:
+        if self.federation is None:
+            return self.epochs_per_round
+        return self.federation.client_epochs(self.seed, round_idx, client_id)
 
     def local_trainer(self, round_idx: int) -> LocalTrainer:
         return self.local_trainers[self.phases.index(phase_of(self.phases, round_idx))]
@@ -101,7 +110,7 @@ class ClientRunner:
             global_params,
             self.task.client_dataset(client_id),
             self.task.client_loader(client_id, torch_generator(self.seed, SHUFFLE, round_idx, client_id)),
-            self.epochs_per_round,
+            self.epochs_of(round_idx, client_id),
             self.local_trainer(round_idx),
             round_idx,
         )

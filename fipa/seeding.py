@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 # Stream ids: adding a consumer never shifts the numbers of the others.
-DATA, INIT, SAMPLING, SHUFFLE, CURVATURE, DROPOUT, AUGMENT = range(7)
+DATA, INIT, SAMPLING, SHUFFLE, CURVATURE, DROPOUT, AUGMENT, LOCAL_WORK = range(8)
 
 
 def derived_seed(seed: int, *keys: int) -> int:

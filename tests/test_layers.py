@@ -25,7 +25,7 @@ LAYERS = [
     {"fipa.client_methods", "fipa.curvature.callback", "fipa.tasks", "fipa.tasks.base", "fipa.tasks.regression",
      "fipa.tasks.pinn", "fipa.tasks.classification", "fipa.tasks.image"},
     {"fipa.aggregators", "fipa.aggregators.base", "fipa.aggregators.fedavg", "fipa.aggregators.fipa",
-     "fipa.aggregators.fedfisher", "fipa.aggregators.kfac"},
+     "fipa.aggregators.fedfisher", "fipa.aggregators.kfac", "fipa.aggregators.fednova"},
     {"fipa.components"},
     {"fipa.runner"},
     {"fipa.executors"},

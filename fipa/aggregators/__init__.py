@@ -3,6 +3,7 @@
 from fipa.aggregators.base import Aggregator
 from fipa.aggregators.fedavg import FedAvg, FedProx
 from fipa.aggregators.fedfisher import FedFisher
+from fipa.aggregators.fednova import FedNova
 from fipa.aggregators.fipa import FIPA
 
-__all__ = ["FIPA", "Aggregator", "FedAvg", "FedFisher", "FedProx"]
+__all__ = ["FIPA", "Aggregator", "FedAvg", "FedFisher", "FedNova", "FedProx"]
