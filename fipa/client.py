@@ -100,6 +100,11 @@ class ClientCallback(L.Callback):
     def on_client_result(self, client_id: int, update: ClientUpdate, state: Any) -> None:
         """A surviving client's update and the state its worker returned from `end_client`."""
 
+    def on_round_end(self, params: Tensor) -> Tensor:
+        """The round's new global model (after the aggregator and the server optimizer), which a method may
+        correct (FedDyn subtracts h / alpha); called only in rounds where a client's update arrived."""
+        return params
+
     # worker side
     def begin_client(self, client_id: int, round_state: Any, client_state: Any) -> None:
         """Before one client's local fit: the state the server side shipped with the job."""

@@ -206,3 +206,97 @@ class Moon(ClientCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.previous = dict(state["previous"])
+
+
+# ------------------------------------------------------------------------------------------------------ FedDyn
+
+
+def feddyn_client_state(state: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FedDyn's client state after a round: g_k - alpha (theta_k - theta_global) (the first-order condition of
+    its dynamic regulariser at the local solution)."""
+    return state - alpha * delta
+
+
+def feddyn_server_state(h: torch.Tensor, old: torch.Tensor, new: torch.Tensor, num_clients: int) -> torch.Tensor:
+    """h after one client's state moved from `old` to `new`: h - (alpha / m) Delta_k, i.e. h stays the mean of all
+    m clients' states (those that never trained count as 0)."""
+    return h + (new - old) / num_clients
+
+
+def feddyn_model(params: torch.Tensor, h: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The server's model after aggregation: theta - h / alpha."""
+    return params - h / alpha
+
+
+class FedDyn(ClientCallback):
+    """FedDyn (Acar et al., ICLR 2021) as a client method usable with any server rule.
+
+    Client k minimises L_k(theta) - <g_k, theta> + alpha/2 ||theta - theta_global||^2: its gradients get
+    alpha (theta - theta_global) - g_k before every optimizer step, and after the fit g_k <- g_k - alpha Delta_k.
+    Server side: every client's g_k (flat CPU tensors, like SCAFFOLD's controls) and h = (1/m) sum_k g_k, kept
+    incrementally; the round's model (whatever the aggregator and server optimizer made of it) becomes
+    theta - h / alpha. With aggregator=fedavg on equal-sized clients this is the paper's algorithm.
+    """
+
+    def __init__(self, alpha: float = 0.01):
+        require(alpha > 0, f"client.alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.h: torch.Tensor | None = None
+        self.client_states: dict[int, torch.Tensor] = {}
+        self._num_clients = 1
+
+    # server side
+    def on_round_start(self, round_idx: int, num_clients: int) -> None:
+        self._num_clients = num_clients
+
+    def client_state(self, client_id: int) -> torch.Tensor | None:
+        return self.client_states.get(client_id)
+
+    def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
+        if state is None:
+            return
+        state = state.cpu()
+        old = self.client_states.get(client_id, torch.zeros_like(state))
+        self.h = feddyn_server_state(
+            torch.zeros_like(state) if self.h is None else self.h, old, state, self._num_clients
+        )
+        self.client_states[client_id] = state
+
+    def on_round_end(self, params: torch.Tensor) -> torch.Tensor:
+        return params if self.h is None else feddyn_model(params, self.h.to(params.device), self.alpha)
+
+    # worker side
+    def begin_client(self, client_id: int, round_state, client_state) -> None:
+        self._state: torch.Tensor | None = client_state
+        self._new_state: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._params = [p for p in client_model(pl_module).parameters()]
+        self._start = _flat(self._params)
+        state = torch.zeros_like(self._start) if self._state is None else self._state.to(self._start.device)
+        self._state = state
+        sizes = [p.numel() for p in self._params]
+        self._anchors = [a.view_as(p) for a, p in zip(self._start.split(sizes), self._params)]
+        self._linear = [s.view_as(p) for s, p in zip(state.split(sizes), self._params)]
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        triples = [(p, a, s) for p, a, s in zip(self._params, self._anchors, self._linear) if p.grad is not None]
+        if triples:
+            params, anchors, linear = zip(*triples)
+            grads = [p.grad for p in params]
+            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in params], anchors), alpha=self.alpha)
+            torch._foreach_sub_(grads, list(linear))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._state is not None  # set by on_train_start
+        self._new_state = feddyn_client_state(self._state, _flat(self._params) - self._start, self.alpha)
+        self._anchors = self._linear = []
+
+    def end_client(self) -> torch.Tensor | None:
+        return self._new_state
+
+    def state_dict(self) -> dict:
+        return {"h": self.h, "client_states": self.client_states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.h, self.client_states = state["h"], dict(state["client_states"])

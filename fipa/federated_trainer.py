@@ -164,6 +164,8 @@ class FederatedTrainer:
             proposed = aggregator.compute()
             if torch.isfinite(proposed).all():
                 new_params = self.server_optimizer.step(global_params, proposed)
+                for method in self.client_methods:
+                    new_params = method.on_round_end(new_params)
             else:  # neither the model nor the server optimizer's state take a non-finite proposal
                 log.warning(
                     "round %d: aggregation produced non-finite parameters; keeping the previous model", round_idx
