@@ -67,6 +67,10 @@ class ClientCallback(L.Callback):
     per-client metrics; both are collected by the `LocalTrainer` after every local fit.
     """
 
+    def validate(self, model: nn.Module) -> None:
+        """Raise ConfigError if this method cannot train `model` (called once when the run is built, so that the
+        error stops the run before any training instead of failing every client)."""
+
     def client_statistics(self) -> dict[str, Tensor]:
         return {}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning import LightningModule, Trainer
@@ -300,3 +300,147 @@ class FedDyn(ClientCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.h, self.client_states = state["h"], dict(state["client_states"])
+
+
+# ------------------------------------------------------------------------------------------------------ FedRCL
+
+
+def cosine_similarities(features: torch.Tensor) -> torch.Tensor:
+    """s_ij = cos(f_i, f_j) of a batch of representations (flattened; a feature map is average-pooled first)."""
+    if features.dim() > 2:
+        features = features.flatten(2).mean(2) if features.dim() > 3 else features.flatten(1)
+    normed = torch.nn.functional.normalize(features, dim=1)
+    return normed @ normed.T
+
+
+def _contrastive_rows(positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over anchors of -log(e^{p/T} / (e^{p/T} + sum_n e^{n/T})); a -inf negative is absent (an anchor with
+    none adds exactly 0)."""
+    logits = torch.cat([positive.unsqueeze(1), negatives], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def supervised_contrastive_loss(
+    similarities: torch.Tensor, labels: torch.Tensor, temperature: float, negatives: int
+) -> torch.Tensor:
+    """FedRCL's supervised term: per anchor, its hardest positive (least similar sample of its class, itself
+    included) against its `negatives` most similar samples of other classes."""
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    positive = similarities.masked_fill(~same, float("inf")).min(dim=1).values
+    other = similarities.masked_fill(same, float("-inf"))
+    return _contrastive_rows(positive, other.topk(min(negatives, len(labels)), dim=1).values, temperature)
+
+
+def divergence_penalty(
+    similarities: torch.Tensor, labels: torch.Tensor, temperature: float, threshold: float, negatives: int = 1
+) -> torch.Tensor:
+    """FedRCL's relaxation: per anchor, itself as the positive against the `negatives` least similar other samples
+    of its class, each only if its similarity is >= `threshold`, so a class is pushed apart only where it has
+    collapsed (as the authors' released code: 1 negative, threshold 0.7)."""
+    n = len(labels)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    others = same & ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    candidates = similarities.masked_fill(~others, float("inf")).topk(min(negatives, n), dim=1, largest=False).values
+    kept = candidates.masked_fill((candidates < threshold) | torch.isinf(candidates), float("-inf"))
+    return _contrastive_rows(similarities.diagonal(), kept, temperature)
+
+
+def feature_alignment_loss(local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(local_i, global_i) over the batch (cosine embedding loss with target 1)."""
+    local, global_ = (f.flatten(2).mean(2) if f.dim() > 3 else f.flatten(1) for f in (local, global_))
+    return (1 - torch.nn.functional.cosine_similarity(local, global_, dim=1)).mean()
+
+
+class FedRCL(ClientCallback):
+    """FedRCL (Seo et al., CVPR 2024): relaxed contrastive learning on the client, usable with any server rule.
+
+    Beside the task's cross-entropy, each local step adds, averaged over the chosen representation levels
+    (`model.layer_features`; feature maps average-pooled; the levels `layers`, all by default):
+
+        scl_weight   x supervised_contrastive_loss     (temperature, `negatives` hardest other-class samples)
+        penalty_weight x divergence_penalty            (same-class pairs above `threshold` pushed apart)
+        align_weight x feature_alignment_loss          (towards the global model's representation)
+        prox_weight  x ||theta - theta_global||^2      (as written in the authors' code: no 1/2)
+
+    and clips the gradient's norm to `clip_norm` before the optimizer step. The extra terms cost one more forward
+    and backward pass per step (their gradients add to the cross-entropy's, as MOON's do). Levels without a
+    gradient (frozen by a last-layer FIPA phase) are skipped.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        negatives: int = 2,
+        threshold: float = 0.7,
+        penalty_negatives: int = 1,
+        scl_weight: float = 1.0,
+        penalty_weight: float = 1.0,
+        align_weight: float = 0.0,
+        prox_weight: float = 0.0,
+        clip_norm: float | None = 10.0,
+        layers: list[int] | None = None,
+    ):
+        require(temperature > 0, f"client.temperature must be > 0, got {temperature}")
+        require(negatives >= 1 and penalty_negatives >= 1, "client.negatives and client.penalty_negatives must be >= 1")
+        weights = (scl_weight, penalty_weight, align_weight, prox_weight)
+        require(min(weights) >= 0, f"the FedRCL loss weights must be >= 0, got {weights}")
+        require(clip_norm is None or clip_norm > 0, f"client.clip_norm must be > 0 or null, got {clip_norm}")
+        self.temperature, self.negatives, self.threshold = float(temperature), int(negatives), float(threshold)
+        self.penalty_negatives = int(penalty_negatives)
+        self.scl_weight, self.penalty_weight = float(scl_weight), float(penalty_weight)
+        self.align_weight, self.prox_weight = float(align_weight), float(prox_weight)
+        self.clip_norm = clip_norm
+        self.layers = None if layers is None else list(layers)
+
+    def representation_loss(self, local: list[torch.Tensor], global_: list[torch.Tensor], labels: torch.Tensor):
+        """The weighted contrastive, penalty and alignment terms, each averaged over the chosen levels."""
+        chosen = range(len(local)) if self.layers is None else self.layers
+        pairs = [(local[i], global_[i]) for i in chosen if local[i].requires_grad]
+        if not pairs:
+            return None
+        total = local[0].new_zeros(())
+        for f, g in pairs:
+            s = cosine_similarities(f)
+            total = total + self.scl_weight * supervised_contrastive_loss(s, labels, self.temperature, self.negatives)
+            total = total + self.penalty_weight * divergence_penalty(
+                s, labels, self.temperature, self.threshold, self.penalty_negatives
+            )
+            if self.align_weight:
+                total = total + self.align_weight * feature_alignment_loss(f, g)
+        return total / len(pairs)
+
+    def validate(self, model: torch.nn.Module) -> None:
+        require(
+            hasattr(model, "layer_features"),
+            f"client=fedrcl needs a model with layer_features(x) (SmallCNN, ResNet20GN); {type(model).__name__} has none",
+        )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model = client_model(pl_module)
+        import copy
+
+        self._global: Any = copy.deepcopy(model).eval().requires_grad_(False)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._anchor = [p.detach().clone() for p in self._params]
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        x, y = cast(tuple[torch.Tensor, torch.Tensor], pl_module.last_batch)
+        model: Any = client_model(pl_module)
+        _, local = model.layer_features(x)
+        with torch.no_grad():
+            _, global_ = self._global.layer_features(x)
+        loss = self.representation_loss(local, global_, y)
+        if loss is not None:
+            loss.backward()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        with_grad = [(p, a) for p, a in zip(self._params, self._anchor) if p.grad is not None]
+        if self.prox_weight and with_grad:
+            params, anchors = zip(*with_grad)
+            diffs = torch._foreach_sub([p.detach() for p in params], anchors)
+            torch._foreach_add_([p.grad for p in params], diffs, alpha=2 * self.prox_weight)
+        if self.clip_norm is not None and with_grad:
+            torch.nn.utils.clip_grad_norm_([p for p, _ in with_grad], self.clip_norm)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._global, self._params, self._anchor = None, [], []

@@ -29,6 +29,7 @@ class Phase:
     first_round: int
     aggregator: Aggregator
     lr_scale: float = 1.0  # client learning-rate multiplier during the phase (0.1 in the paper's FIPA phase)
+    server_optimizer: ServerOptimizer | None = None  # the phase's own (fresh) server optimizer; None: the run's
 
 
 def phase_of(phases: list[Phase], round_idx: int) -> Phase:
@@ -108,6 +109,8 @@ def assemble(
     model.to(device)
     module = task.build_module(model, optimizer)
     flat = FlatParameters(module.model)
+    for method in client_methods or []:
+        method.validate(model)
     phases = [Phase(1, phases)] if isinstance(phases, Aggregator) else list(phases)
     for phase in phases:
         phase.aggregator.bind(flat)
@@ -129,7 +132,8 @@ def _later_phase(cfg: DictConfig) -> Phase | None:
     """`schedule.switch_round=K schedule.after=<aggregator name>`: rounds after K use that aggregator."""
     schedule = cfg.schedule
     if schedule.switch_round is None:
-        changed = [f"schedule.{key}" for key in ("after", "lr_scale_after") if schedule.get(key) is not None]
+        keys = ("after", "lr_scale_after", "after_server_optimizer")
+        changed = [f"schedule.{key}" for key in keys if schedule.get(key) is not None]
         changed += ["schedule.after_settings"] if schedule.get("after_settings") else []
         require(not changed, f"{' and '.join(changed)} take effect only with schedule.switch_round=<round>")
         return None
@@ -149,4 +153,10 @@ def _later_phase(cfg: DictConfig) -> Phase | None:
     # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
     with open_dict(cfg):
         cfg.schedule.after_aggregator = node
-    return Phase(schedule.switch_round + 1, instantiate(cfg.schedule.after_aggregator), float(lr_scale))
+    optimizer_name = schedule.get("after_server_optimizer")
+    server_optimizer = (
+        None if optimizer_name is None else instantiate(compose_option("server_optimizer", optimizer_name))
+    )
+    return Phase(
+        schedule.switch_round + 1, instantiate(cfg.schedule.after_aggregator), float(lr_scale), server_optimizer
+    )

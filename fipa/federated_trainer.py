@@ -163,7 +163,7 @@ class FederatedTrainer:
         else:
             proposed = aggregator.compute()
             if torch.isfinite(proposed).all():
-                new_params = self.server_optimizer.step(global_params, proposed)
+                new_params = (phase.server_optimizer or self.server_optimizer).step(global_params, proposed)
                 for method in self.client_methods:
                     new_params = method.on_round_end(new_params)
             else:  # neither the model nor the server optimizer's state take a non-finite proposal
@@ -202,6 +202,9 @@ class FederatedTrainer:
             "client_methods": [method.state_dict() for method in self.client_methods],
             "aggregators": [phase.aggregator.state_dict() for phase in self.phases],
             "server_optimizer": self.server_optimizer.state_dict(),
+            "phase_server_optimizers": [
+                None if phase.server_optimizer is None else phase.server_optimizer.state_dict() for phase in self.phases
+            ],
             "clock": dict(self.clock),
             "rng": rng_states(),
             "metrics": self.history,
@@ -236,6 +239,9 @@ class FederatedTrainer:
         for phase, aggregator_state in zip(self.phases, state["aggregators"]):
             phase.aggregator.load_state_dict(aggregator_state)
         self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))  # none before the seam existed
+        for phase, optimizer_state in zip(self.phases, state.get("phase_server_optimizers", [])):
+            if phase.server_optimizer is not None and optimizer_state is not None:
+                phase.server_optimizer.load_state_dict(optimizer_state)
         self.clock = dict(state["clock"])
         set_rng_states(state["rng"])
         self.history = [dict(row) for row in state["metrics"]]

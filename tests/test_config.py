@@ -12,7 +12,9 @@ from conftest import TINY, compose_config, fipa_cli
 from fipa.errors import ConfigError
 from fipa.train import CONFIG_DIR, build, run
 
-GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger", "variant", "executor"]
+GROUPS = ["task", "model", "optimizer", "aggregator", "client", "partition", "federation", "logger", "variant", "executor",
+          "server_optimizer"]
+IMAGE_ONLY = {"fedrcl", "phase_fedrcl_fipa_lastlayer"}  # FedRCL needs the CNNs' per-level features
 # Small sizes per task option so that building stays fast (digits needs no download).
 TASK_SIZES = {
     "regression_1d": ["task.points_per_client=40"],
@@ -37,6 +39,8 @@ def test_the_default_run_is_fipa_on_regression_1d_m4():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option, tmp_path):
     sizes = TASK_SIZES[option] if group == "task" else TINY
+    if option in IMAGE_ONLY:
+        sizes = ["task=image", *TASK_SIZES["image"], "+preset.last_layer=9.*"]  # SmallCNN's last Linear
     if option in ("fipa_lastlayer", "fipa_lastlayer_robust", "phase_fipa_lastlayer"):
         sizes = [*sizes, "+preset.last_layer=6.*"]  # the regression MLP's last layer (the default glob is ResNet's fc.*)
     cfg = compose_config(*sizes, f"{group}={option}")
@@ -46,7 +50,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
     if group == "logger" and option == "wandb":
         cfg.logger._target_ = None  # wandb itself is exercised in test_end_to_end
     trainer = build(cfg, tmp_path)  # instantiates task, model, optimizer, aggregator, client callbacks
-    assert trainer.task.num_clients == {"regression_2d": 9, "image": 10, "pinn": 2}.get(option, 4)
+    assert trainer.task.num_clients == (10 if option in IMAGE_ONLY else {"regression_2d": 9, "image": 10, "pinn": 2}.get(option, 4))
     for callback in cfg.client.callbacks:
         assert instantiate(callback) is not None
 

@@ -145,3 +145,34 @@ def test_a_non_finite_proposal_reaches_neither_the_model_nor_the_optimizer_state
     assert all(torch.equal(trainer.server_optimizer.state_dict()[k], v) for k, v in moments.items())
     after_three, _ = trainer.run_round(3, after_two)
     assert torch.isfinite(after_three).all() and not torch.equal(after_three, after_two)
+
+
+def test_a_later_phase_may_take_its_own_server_optimizer(tmp_path):
+    """FedAvgM warm-up, then plain steps: after the switch the new model is the aggregator's proposal itself."""
+    from conftest import compose_config
+    from fipa.train import build
+
+    cfg = compose_config("experiment=regression_1d_m4", "task.points_per_client=20", "federation.local_epochs=2",
+                         "aggregator=fedavg", "server_optimizer=momentum", "federation.rounds=4",
+                         "schedule.switch_round=2", "schedule.after=fedavg", "schedule.after_server_optimizer=sgd")  # fmt: skip
+    trainer = build(cfg, tmp_path)
+    proposals = {}
+    for phase in trainer.phases:
+        compute = phase.aggregator.compute
+        phase.aggregator.compute = lambda compute=compute: proposals.setdefault(len(proposals), compute())
+    params = trainer.flat.get()
+    for round_idx in (1, 2):
+        params, _ = trainer.run_round(round_idx, params)
+    assert not torch.equal(params, proposals[1])  # FedAvgM moved past the second proposal
+    params, _ = trainer.run_round(3, params)
+    assert params is proposals[2]  # sgd lr 1: the proposal itself
+    assert trainer.phases[1].server_optimizer is not None and trainer.server_optimizer.state_dict()["m"] is not None
+
+
+def test_the_fedrcl_fipa_preset_composes(tmp_path):
+    from conftest import compose_config
+
+    cfg = compose_config("experiment=fmnist_dirichlet", "variant=phase_fedrcl_fipa_lastlayer", "schedule.switch_round=100")
+    assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
+    assert cfg.server_optimizer._target_.endswith("ServerMomentum") and cfg.schedule.after_server_optimizer == "sgd"
+    assert cfg.schedule.after == "fipa_lastlayer"

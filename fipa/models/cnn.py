@@ -45,3 +45,13 @@ class SmallCNN(nn.Sequential):
         for layer in list(self)[:-1]:
             x = layer(x)
         return x
+
+    def layer_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits and the representation at every level before its ReLU (FedRCL's per-layer contrastive
+        terms): both convolutions and the hidden linear layer. The logits are those of `forward`, bit for bit."""
+        levels = []
+        for layer in self:
+            if isinstance(layer, nn.ReLU):
+                levels.append(x)
+            x = layer(x)
+        return x, levels

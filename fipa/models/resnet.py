@@ -31,10 +31,13 @@ class BasicBlock(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         out = F.relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.norm2(self.conv2(out)) + self.shortcut(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.pre_activation(x))
 
 
 class ResNet20GN(nn.Module):
@@ -78,3 +81,16 @@ class ResNet20GN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
+
+    def layer_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits and the representation at every level, before its ReLU (FedRCL's per-layer contrastive
+        terms): the stem, and each stage's last block. The logits are those of `forward`, bit for bit."""
+        stem = self.norm(self.conv(x))
+        levels, out = [stem], F.relu(stem)
+        blocks: list[BasicBlock] = list(self.layers)  # type: ignore[arg-type]
+        for index, block in enumerate(blocks):
+            pre = block.pre_activation(out)
+            out = F.relu(pre)
+            if index + 1 == len(blocks) or blocks[index + 1].stride != 1:  # a stage ends here
+                levels.append(pre)
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1)), levels

@@ -25,6 +25,7 @@ class ClassificationModule(ClientModule):
         x, y = batch
         if self.augment is not None:
             x = self.augment(x, self.generator)
+        self.last_batch = (x, y)  # what this step trained on, augmented: for client methods' extra terms (FedRCL)
         return F.cross_entropy(self.model(x), y)
 
     def data_loss(self, data: TensorData, chunk: int = 2000) -> Tensor:
