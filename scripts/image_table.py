@@ -14,6 +14,12 @@ branched from that checkpoint, one run per variant:
     fipa_kfac_all    fipa_kfac with the factors from all of the client's images
     fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
     fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
+    fedadam          FedAvg's direction through FedAdam (server_optimizer=adam), client lr x0.1
+    fednova          FedNova (aggregator=fednova), client lr x0.1
+
+Client methods: plain, fedprox, scaffold, moon, feddyn, and fedrcl, whose warm-up uses server momentum (FedAvgM)
+as in the FIPA authors' code; its branches other than `fedavg` (which continues FedAvgM) take plain server steps
+unless the arm names its own server optimizer.
 
     python scripts/image_table.py --seeds 0 1 2 --out results/image
     python scripts/image_table.py --clients fedprox scaffold --variants fedavg fipa_lastlayer --out results/image
@@ -39,7 +45,7 @@ from pathlib import Path
 
 from fipa.train import completed_summary
 
-CLIENTS = ["plain", "fedprox", "scaffold", "moon"]
+CLIENTS = ["plain", "fedprox", "scaffold", "moon", "fedrcl", "feddyn"]
 LAST = 5  # rounds averaged in the smoothed accuracy column
 VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedavg": [],
@@ -52,24 +58,38 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fipa_kfac_all": ["schedule.after=fipa_kfac", "preset.kfac_curvature_samples=null"],
     "fedfisher": ["schedule.after=fedfisher"],
     "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
+    "fedadam": ["schedule.after=fedavg", "schedule.after_server_optimizer=adam"],
+    "fednova": ["schedule.after=fednova"],
 }
 # Warm-ups and the branches' first phase are FedAvg, whatever train.yaml's default aggregator is (bare fipa-train
 # runs FIPA); the branch phase is chosen by schedule.after.
 WARMUP = ["aggregator=fedavg"]
+WARMUP_SERVER = {"fedrcl": ["server_optimizer=momentum"]}  # the client method's own warm-up server optimizer
+
+
+def _server_overrides(client: str, variant: str | None) -> list[str]:
+    """The warm-up's server optimizer, and plain server steps for a branch arm that changes the rule (FedRCL)."""
+    warmup = WARMUP_SERVER.get(client, [])
+    if variant is None or not warmup or not VARIANTS[variant]:
+        return warmup
+    own = any(o.startswith("schedule.after_server_optimizer=") for o in VARIANTS[variant])
+    return warmup if own else [*warmup, "schedule.after_server_optimizer=sgd"]
 
 
 def warmup_overrides(args, client: str, seed: int) -> list[str]:
     return [
-        f"experiment={args.experiment}", *WARMUP, f"client={client}", f"seed={seed}",
-        f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.warmup}", *args.override,
+        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, None), f"client={client}", f"seed={seed}",
+        f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.checkpoint_every or args.warmup}",
+        *args.override,
     ]
 
 
 def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path) -> list[str]:
     switch = [f"schedule.switch_round={args.warmup}"] if VARIANTS[variant] else []
     return [
-        f"experiment={args.experiment}", *WARMUP, f"client={client}", f"seed={seed}", f"init_from={checkpoint}",
-        f"federation.rounds={args.warmup + args.phase}", *switch, *VARIANTS[variant], *args.override,
+        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, variant), f"client={client}",
+        f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={args.warmup + args.phase}", *switch,
+        *VARIANTS[variant], *args.override,
     ]
 
 
@@ -205,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--warmup", type=int, default=100, help="FedAvg warm-up rounds (checkpoint at the end)")
     parser.add_argument("--phase", type=int, default=20, help="rounds after the warm-up")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="warm-up checkpoints every K rounds (K must divide --warmup), so a killed warm-up resumes")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("results/image"))
     parser.add_argument("--warmups", type=Path, default=None, help="where the warm-up runs live (default: --out)")
     parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
     args = parser.parse_args(argv)
     args.warmups = args.warmups or args.out
+    if args.checkpoint_every and args.warmup % args.checkpoint_every:
+        parser.error(f"--checkpoint-every {args.checkpoint_every} must divide --warmup {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
         run_all(args)

@@ -289,7 +289,7 @@ def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggr
     from fipa.config import compose
 
     table = _image_table()
-    args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[])
+    args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[], checkpoint_every=None)
     if variant == "warmup":
         overrides = table.warmup_overrides(args, "plain", 0)
     else:
@@ -298,6 +298,25 @@ def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggr
     assert cfg.aggregator._target_.endswith("FedAvg")  # bare fipa-train's default is FIPA
     after = {"warmup": None, "fedavg": None, "fedavg_lr01": "fedavg"}.get(variant, variant)
     assert cfg.schedule.after == after
+
+
+@pytest.mark.parametrize("variant", ["warmup", "fedavg", "fipa_lastlayer", "fedadam", "fednova"])
+def test_image_table_gives_fedrcl_a_fedavgm_warm_up_and_plain_steps_after_it(variant):
+    from fipa.config import compose
+
+    table = _image_table()
+    args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[], checkpoint_every=10)
+    if variant == "warmup":
+        overrides = table.warmup_overrides(args, "fedrcl", 0)
+        assert "federation.checkpoint_every=10" in overrides
+    else:
+        overrides = table.branch_overrides(args, "fedrcl", variant, 0, Path("/nowhere/round_100.pt"))
+    cfg = compose(overrides)
+    assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
+    assert cfg.server_optimizer._target_.endswith("ServerMomentum")  # the warm-up's, and the fedavg arm's
+    after = {"warmup": None, "fedavg": None, "fedadam": "adam"}.get(variant, "sgd")
+    assert cfg.schedule.after_server_optimizer == after
+    assert cfg.schedule.after == {"warmup": None, "fedavg": None, "fedadam": "fedavg"}.get(variant, variant)
 
 
 def test_rounds_table_medians_worst_ratio_and_first_round_ahead(tmp_path):
