@@ -94,6 +94,7 @@ class RoundRunner:
                 "aggregate_s": float(row.get("aggregate_s", 0.0)),
                 "client_s": client_s,
                 "train_s": client_s - float(row.get("curvature_s", 0.0)),
+                "bytes_up": float(row.get("bytes_up", 0.0)),
             })
         return seconds
 
@@ -114,7 +115,8 @@ def report(runners: list[RoundRunner], label: str) -> None:
     for r in runners:
         print(f"{label} {r.name}: median round {r.median('round_s'):.4f}s = clients {r.median('client_s'):.4f}s "
               f"(of which curvature {r.median('curvature_s'):.4f}s, training {r.median('train_s'):.4f}s) "
-              f"+ aggregate {r.median('aggregate_s'):.4f}s")
+              f"+ aggregate {r.median('aggregate_s'):.4f}s; upload {r.median('bytes_up') / 1e6:.2f} MB "
+              f"({r.median('bytes_up') / runners[0].median('bytes_up'):.1f}x {runners[0].name}'s)")
 
 
 def profile_round(runner: RoundRunner, top: int) -> str:
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     g.add_argument("--fmnist-override", nargs="*", default=[], help="extra overrides, e.g. +preset.fipa_curvature_samples=128")
     g.add_argument("--fmnist-cases", default="fipa,fipa_lastlayer,fipa_kfac",
                    help="comma-separated rules timed against fedavg: fipa (fipa_damped), fipa_lastlayer, fipa_kfac "
-                        "(factors from the preset's 128 images), fipa_kfac_all (from all images), fipa_kfac_mc "
+                        "(factors from the preset's 128 images), fipa_kfac_all (from all images), fipa_kfac_k32 (factors "
+                        "uploaded as 32 eigenpairs), fipa_kfac_mc "
                         "(all images, Monte-Carlo), fedfisher, fedfisher_kfac")
     g = ap.add_argument_group("ResNet-20-GN (v): synthetic 3x32x32 images, FedAvg against fipa_kfac")
     g.add_argument("--resnet", action="store_true", help="also time ResNet-20-GN rounds (a minute or more each)")
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             known = {"fipa": ["aggregator=fipa_damped", *lowrank], "fipa_lastlayer": ["aggregator=fipa_lastlayer", *lowrank],
                      "fipa_kfac": ["aggregator=fipa_kfac"],
                      "fipa_kfac_all": ["aggregator=fipa_kfac", "aggregator.curvature_samples=null"],
+                     "fipa_kfac_k32": ["aggregator=fipa_kfac", "aggregator.factor_rank=32"],
                      "fipa_kfac_mc": ["aggregator=fipa_kfac", "aggregator.estimator=mc", "aggregator.curvature_samples=null"],
                      "fedfisher": ["aggregator=fedfisher"], "fedfisher_kfac": ["aggregator=fedfisher_kfac"]}
             chosen = [c for c in args.fmnist_cases.split(",") if c]
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(profile_round(runner, args.profile_top))
 
     keys = ["ratio_resnet_fipa_kfac", "ratio_resnet_fipa_kfac_curvature_per_epoch", "ratio_regression_fipa", "ratio_regression_fipa_full", "ratio_cnn_fipa", "ratio_cnn_curvature_per_epoch",
-            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac", "fipa_kfac_all", "fipa_kfac_mc", "fedfisher", "fedfisher_kfac") for suffix in ("", "_curvature_per_epoch"))]
+            *(f"ratio_fmnist_{n}{suffix}" for n in ("fipa", "fipa_lastlayer", "fipa_kfac", "fipa_kfac_all", "fipa_kfac_k32", "fipa_kfac_mc", "fedfisher", "fedfisher_kfac") for suffix in ("", "_curvature_per_epoch"))]
     print(" ".join(f"{k}={results[k]:.2f}" for k in keys if k in results))
     return results
 

@@ -12,6 +12,7 @@ branched from that checkpoint, one run per variant:
     fipa_lastlayer_robust  last-layer FIPA with the FedAvg-anchored solve (aggregator=fipa_lastlayer_robust)
     fipa_kfac        full-model FIPA with K-FAC curvature (aggregator=fipa_kfac; factors from 128 images), client lr x0.1
     fipa_kfac_all    fipa_kfac with the factors from all of the client's images
+    fipa_kfac_k32    fipa_kfac uploading each factor larger than 32 as its top 32 eigenpairs (aggregator.factor_rank)
     fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
     fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
     fedadam          FedAvg's direction through FedAdam (server_optimizer=adam), client lr x0.1
@@ -56,6 +57,7 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fipa_lastlayer_robust": ["schedule.after=fipa_lastlayer_robust"],
     "fipa_kfac": ["schedule.after=fipa_kfac"],
     "fipa_kfac_all": ["schedule.after=fipa_kfac", "preset.kfac_curvature_samples=null"],
+    "fipa_kfac_k32": ["schedule.after=fipa_kfac", "+schedule.after_settings.factor_rank=32"],
     "fedfisher": ["schedule.after=fedfisher"],
     "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
     "fedadam": ["schedule.after=fedavg", "schedule.after_server_optimizer=adam"],

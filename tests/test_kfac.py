@@ -15,7 +15,10 @@ from fipa.curvature import CurvatureGroup
 from fipa.curvature.ggn import curvature_diagonal
 from fipa.curvature.kfac import (
     KFACLayout,
+    compress_factor,
+    compressed_size,
     conjugate_gradient,
+    decompress_factor,
     group_norms,
     kfac_curvature,
     kfac_factors,
@@ -24,6 +27,7 @@ from fipa.curvature.kfac import (
     kron_mean_preconditioner,
     kron_sum_matvec,
     pack,
+    unpack,
 )
 from fipa.data import batch_loader
 from fipa.errors import ConfigError
@@ -243,6 +247,29 @@ def test_kronecker_preconditioner_inverts_the_mean_factors_product_and_cuts_cg_i
     assert preconditioned < plain / 3, (preconditioned, plain)
 
 
+def test_a_compressed_factor_keeps_its_top_eigenpairs_and_its_trace():
+    g = torch.Generator().manual_seed(6)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=DT, generator=g))
+    spectrum = torch.cat([torch.tensor([50.0, 20.0, 9.0], dtype=DT), torch.full((37,), 0.5, dtype=DT)])
+    F = (Q * spectrum) @ Q.T  # three large eigenvalues and a flat remainder: rank 3 plus sigma is exact
+    flat = compress_factor(F, 3, torch.Generator().manual_seed(0))
+    assert flat.numel() == compressed_size(40, 3) == 40 * 3 + 3 + 1
+    torch.testing.assert_close(decompress_factor(flat, 40, 3), F, rtol=0, atol=1e-4)  # randomized (4 power steps)
+    generic = random_spd(40, g)
+    approx = decompress_factor(compress_factor(generic, 5, torch.Generator().manual_seed(0)), 40, 5)
+    torch.testing.assert_close(approx.trace(), generic.trace())  # the remainder's mass is kept, spread evenly
+    top = torch.linalg.eigvalsh(generic)[-5:]
+    torch.testing.assert_close(torch.linalg.eigvalsh(approx)[-5:], top, rtol=1e-2, atol=0)  # a generic spectrum
+    # pack: large factors compressed, a factor no larger dense; unpack gives dense matrices back
+    small = random_spd(2, g)
+    packed = pack([F, small], rank=3, generator=torch.Generator().manual_seed(0))
+    assert packed.numel() == compressed_size(40, 3) + 4 and compressed_size(2, 3) is None
+    back = unpack(packed, [40, 2], rank=3)
+    torch.testing.assert_close(back[0], F, rtol=0, atol=1e-4)
+    assert torch.equal(back[1], small)
+    assert torch.equal(pack([F, small]), torch.cat([F.reshape(-1), small.reshape(-1)]))  # no rank: dense, as before
+
+
 class _Layout:
     """Dense reference layout: the flat index of entry (r, c) of a layer's [W | b] matrix, written out by hand."""
 
@@ -266,8 +293,9 @@ def tiny_kfac_model():
     return nn.Sequential(nn.Linear(3, 4, dtype=DT), nn.LayerNorm(4, dtype=DT), nn.Tanh(), nn.Linear(4, 2, dtype=DT))
 
 
-def random_kfac_updates(model, generator, clients=3):
-    """ClientUpdates with random (PSD) factors and diagonals, and the dense H_m of each."""
+def random_kfac_updates(model, generator, clients=3, factor_rank=None):
+    """ClientUpdates with random (PSD) factors and diagonals, and the dense H_m of each (with `factor_rank`, of the
+    factors as the server decompresses them)."""
     ref = _Layout(model)
     blocks = [("0.weight", "0.bias", 4, 3), ("3.weight", "3.bias", 2, 4)]
     rest = torch.tensor([ref.offsets["1.weight"] + i for i in range(4)] + [ref.offsets["1.bias"] + i for i in range(4)])
@@ -276,22 +304,27 @@ def random_kfac_updates(model, generator, clients=3):
         As = [random_spd(4, generator), random_spd(5, generator, rank=2)]
         Gs = [random_spd(4, generator, rank=3), random_spd(2, generator)]
         diagonal = torch.rand(8, dtype=DT, generator=generator)
+        stats = {"kfac_input_factors": pack(As, factor_rank, generator), "kfac_output_factors": pack(Gs, factor_rank, generator),
+                 "curvature_diagonal": diagonal}  # fmt: skip
+        As = unpack(stats["kfac_input_factors"], [4, 5], factor_rank)
+        Gs = unpack(stats["kfac_output_factors"], [4, 2], factor_rank)
         H = torch.zeros(ref.p, ref.p, dtype=DT)
         for (w, b, o, i), A, G in zip(blocks, As, Gs):
             idx = ref.indices(w, b, o, i)
             H[idx.unsqueeze(1), idx] = torch.kron(G, A)
         H[rest, rest] = diagonal
-        stats = {"kfac_input_factors": pack(As), "kfac_output_factors": pack(Gs), "curvature_diagonal": diagonal}
         delta = torch.randn(ref.p, dtype=DT, generator=generator)
         updates.append(ClientUpdate(m, 10 * (m + 1), delta, stats))
         dense.append(H)
     return updates, dense
 
 
-def test_fipa_kfac_round_matches_the_dense_damped_rule():
+@pytest.mark.parametrize("factor_rank", [None, 1])
+def test_fipa_kfac_round_matches_the_dense_damped_rule(factor_rank):
     model = tiny_kfac_model()
-    updates, dense = random_kfac_updates(model, torch.Generator().manual_seed(4))
-    fipa = FIPA(representation="kfac", rank=None, beta=0.3, gamma=0.7, step_size=0.9, cg_tol=1e-12)
+    updates, dense = random_kfac_updates(model, torch.Generator().manual_seed(4), factor_rank=factor_rank)
+    fipa = FIPA(representation="kfac", rank=None, beta=0.3, gamma=0.7, step_size=0.9, cg_tol=1e-12,
+                factor_rank=factor_rank)  # fmt: skip
     fipa.bind(FlatParameters(model))
     theta = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
     fipa.reset(theta)
@@ -403,6 +436,12 @@ def test_bad_kfac_settings_are_config_errors():
         FedFisher(server_steps=10)
     with pytest.raises(ConfigError, match="damping must be > 0"):
         FedFisher(representation="kfac", damping=0.0)
+    with pytest.raises(ConfigError, match="factor_rank"):
+        FIPA(rank=20, factor_rank=8)  # low-rank FIPA has no factors
+    with pytest.raises(ConfigError, match="factor_rank"):
+        FedFisher(factor_rank=8)
+    with pytest.raises(ConfigError, match="factor_rank must be >= 1"):
+        FIPA(representation="kfac", rank=None, factor_rank=0)
 
 
 @pytest.mark.parametrize("aggregator", ["fipa_kfac", "fedfisher", "fedfisher_kfac"])

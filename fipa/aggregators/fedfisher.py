@@ -65,6 +65,7 @@ class FedFisher(Aggregator):
         curvature_samples: int | None = None,
         cg_tol: float = 1e-8,
         cg_max_iters: int = 1000,
+        factor_rank: int | None = None,
         seed: int = 0,
     ):
         require(
@@ -93,6 +94,10 @@ class FedFisher(Aggregator):
         require(
             estimator in ESTIMATORS, f"aggregator.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
         )
+        require(
+            factor_rank is None or representation == "kfac",
+            "aggregator.factor_rank applies to representation=kfac only; leave it unset (null)",
+        )
         require(cg_tol > 0, f"aggregator.cg_tol must be > 0, got {cg_tol}")
         require(cg_max_iters >= 1, f"aggregator.cg_max_iters must be >= 1, got {cg_max_iters}")
         self.representation, self.solver, self.damping = representation, solver, damping
@@ -106,6 +111,7 @@ class FedFisher(Aggregator):
             representation=representation,
             sample_block=sample_block,
             max_samples=curvature_samples,
+            factor_rank=factor_rank,
             seed=seed,
         )
 
@@ -114,7 +120,7 @@ class FedFisher(Aggregator):
 
     def bind(self, flat: FlatParameters) -> None:
         if self.representation == "kfac":
-            self._kfac = KFACRound(kfac_layout(flat, list(flat.names)))
+            self._kfac = KFACRound(kfac_layout(flat, list(flat.names)), self.curvature.factor_rank)
 
     def reset(self, global_params: Tensor) -> None:
         self._global = global_params

@@ -67,7 +67,7 @@ DEFAULTS = ModeDefaults()
 LM_SETTINGS = ("damping", "adaptive_damping", "damping_factor", "damping_start", "damping_decay", "anchor_step")
 LOWRANK_SETTINGS = ("rank", "eigensolver", "oversample", "power_iters", "complement_step", "adaptive_cutoff",
                     "adaptive_epochs", "max_local_epochs")  # fmt: skip
-KFAC_SETTINGS = ("cg_tol", "cg_max_iters")
+KFAC_SETTINGS = ("cg_tol", "cg_max_iters", "factor_rank")
 
 
 def _unused_settings(representation: str, solver: str | None, eigensolver: str | None, given: dict) -> dict[str, str]:
@@ -149,6 +149,7 @@ class FIPA(Aggregator):
         max_local_epochs: int | None = None,  # adaptive_epochs: the cap on a client's epochs (200)
         cg_tol: float | None = None,  # kfac: CG's relative residual tolerance (1e-8)
         cg_max_iters: int | None = None,  # kfac: CG's iteration cap per layer (1000)
+        factor_rank: int | None = None,  # kfac: upload a large factor as this many eigenpairs (null: dense)
     ):
         require(
             representation in REPRESENTATIONS,
@@ -160,7 +161,7 @@ class FIPA(Aggregator):
                  "adaptive_epochs": adaptive_epochs, "max_local_epochs": max_local_epochs,
                  "rank": rank, "solver": solver, "rcond": rcond, "beta": beta, "gamma": gamma, "eigensolver": eigensolver,
                  "oversample": oversample, "power_iters": power_iters, "cg_tol": cg_tol,
-                 "cg_max_iters": cg_max_iters}  # fmt: skip
+                 "cg_max_iters": cg_max_iters, "factor_rank": factor_rank}  # fmt: skip
         unused = _unused_settings(representation, solver, eigensolver, given)
         require(
             not unused,
@@ -299,6 +300,7 @@ class FIPA(Aggregator):
             power_iters=power_iters,
             sample_block=sample_block,
             max_samples=curvature_samples,
+            factor_rank=factor_rank,
             freeze_others=others == "freeze",
             seed=seed,
             probe=tuple(s for s in ("start_loss", "gradient") if s in probe),
@@ -319,7 +321,7 @@ class FIPA(Aggregator):
         self.mask = flat.mask(self.params)
         self.all_selected = bool(self.mask.all())
         if self.representation == "kfac":
-            self._kfac = KFACRound(kfac_layout(flat, names))
+            self._kfac = KFACRound(kfac_layout(flat, names), self.curvature.factor_rank)
 
     # Streaming round --------------------------------------------------------------------------------------
     def begin_round(self, round_idx: int) -> None:

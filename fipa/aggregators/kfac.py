@@ -20,8 +20,11 @@ KFAC_STATISTICS = ("kfac_input_factors", "kfac_output_factors", "curvature_diago
 
 
 class KFACRound:
-    def __init__(self, layout: KFACLayout):
+    def __init__(self, layout: KFACLayout, factor_rank: int | None = None):
         self.layout = layout
+        self.factor_rank = (
+            factor_rank  # the clients' large factors arrive as this many eigenpairs (fipa.curvature.kfac.pack)
+        )
 
     def reset(self, device: torch.device) -> None:
         dt = torch.float64
@@ -44,8 +47,8 @@ class KFACRound:
     def add(self, statistics: dict[str, Tensor], delta: Tensor, num_samples: int) -> None:
         """Fold one client's factors and its update (on the selected parameters) into the round."""
         layout, dt = self.layout, torch.float64
-        As = unpack(statistics["kfac_input_factors"].to(dt), layout.in_dims)
-        Gs = unpack(statistics["kfac_output_factors"].to(dt), layout.out_dims)
+        As = unpack(statistics["kfac_input_factors"].to(dt), layout.in_dims, self.factor_rank)
+        Gs = unpack(statistics["kfac_output_factors"].to(dt), layout.out_dims, self.factor_rank)
         delta = delta.to(dt)
         for index, (X, A, G) in enumerate(zip(layout.matrices(delta), As, Gs)):
             self._rhs[index].add_(G @ X @ A, alpha=num_samples)

@@ -93,6 +93,7 @@ class CurvatureCallback(ClientCallback):
         power_iters: int = 2,
         sample_block: int = 256,
         max_samples: int | None = None,
+        factor_rank: int | None = None,
         freeze_others: bool = False,
         seed: int = 0,
         probe: tuple[str, ...] = (),
@@ -107,6 +108,10 @@ class CurvatureCallback(ClientCallback):
         self.power_iters = power_iters
         self.sample_block = sample_block
         self.max_samples = max_samples
+        require(
+            factor_rank is None or factor_rank >= 1, f"aggregator.factor_rank must be >= 1 or null, got {factor_rank}"
+        )
+        self.factor_rank = factor_rank  # kfac: large factors travel as this many eigenpairs (fipa.curvature.kfac.pack)
         self.param_names: list[str] | None = None  # set by the aggregator's bind(); None: all parameters
         self.freeze_others = freeze_others
         self.seed = seed
@@ -285,8 +290,8 @@ class CurvatureCallback(ClientCallback):
         ref = next(iter(params.values()))
         diagonal = torch.cat([diagonals[name].reshape(-1) for name in rest]) if rest else ref.new_zeros(0)
         return {
-            "kfac_input_factors": pack([A for A, _ in factors]),
-            "kfac_output_factors": pack([G for _, G in factors]),
+            "kfac_input_factors": pack([A for A, _ in factors], self.factor_rank, generator),
+            "kfac_output_factors": pack([G for _, G in factors], self.factor_rank, generator),
             "curvature_diagonal": diagonal,
         }
 
