@@ -19,6 +19,7 @@ from fipa.curvature.kfac import (
     compressed_size,
     conjugate_gradient,
     decompress_factor,
+    eigendecomposition_budget,
     group_norms,
     kfac_curvature,
     kfac_factors,
@@ -230,7 +231,8 @@ def test_kronecker_preconditioner_inverts_the_mean_factors_product_and_cuts_cg_i
     torch.testing.assert_close(applied.reshape(-1), torch.linalg.solve(dense, R.reshape(-1)))
 
     # one client: the preconditioner is the exact inverse, so CG stops after one step
-    _, one = kfac_solve(Gs[:1], As[:1], weights[:1] / 1.0, R, damping=1e-6, rtol=1e-10)
+    one_matvec = lambda X: kron_sum_matvec(Gs[:1], As[:1], weights[:1], X) + 1e-6 * X  # noqa: E731
+    _, one = conjugate_gradient(one_matvec, R, preconditioner=kron_mean_preconditioner(Gs[:1], As[:1], weights[:1], 1e-6), rtol=1e-10)
     assert one == 1
     # heterogeneous clients, small damping: the same solution as the dense system in far fewer steps than plain CG
     Gs = torch.stack([random_spd(8, g) * scale for scale in (1.0, 3.0)])
@@ -239,12 +241,19 @@ def test_kronecker_preconditioner_inverts_the_mean_factors_product_and_cuts_cg_i
     B = torch.randn(8, 30, dtype=DT, generator=g)
     damping = 1e-5
     expected = torch.linalg.solve(dense_kron_sum(Gs, As, weights) + damping * torch.eye(240, dtype=DT), B.reshape(-1))
-    solved, preconditioned = kfac_solve(Gs, As, weights, B, damping, rtol=1e-10)
+    solved, steps = kfac_solve(Gs, As, weights, B, damping, rtol=1e-10)  # Jacobi for its budget, then Kronecker
     torch.testing.assert_close(solved.reshape(-1), expected)
-    _, plain = conjugate_gradient(
-        lambda X: kron_sum_matvec(Gs, As, weights, X) + damping * X, B, rtol=1e-10, max_iters=2000
+    matvec = lambda X: kron_sum_matvec(Gs, As, weights, X) + damping * X  # noqa: E731
+    _, plain = conjugate_gradient(matvec, B, rtol=1e-10, max_iters=2000)
+    _, kronecker = conjugate_gradient(
+        matvec, B, preconditioner=kron_mean_preconditioner(Gs, As, weights, damping), rtol=1e-10
     )
-    assert preconditioned < plain / 3, (preconditioned, plain)
+    budget = eigendecomposition_budget(8, 30, 2)
+    assert kronecker < plain / 3, (kronecker, plain)
+    assert budget < steps <= budget + kronecker + 1  # Jacobi spent its budget, the Kronecker steps finished it
+    # a large damping: Jacobi converges within the budget and no eigendecomposition is paid for
+    _, easy = kfac_solve(Gs, As, weights, B, 1e3, rtol=1e-10)
+    assert easy < budget
 
 
 def test_a_compressed_factor_keeps_its_top_eigenpairs_and_its_trace():
