@@ -22,7 +22,7 @@ import torch
 from fipa.curvature.ggn import CurvatureGroup
 from fipa.curvature.kfac import (
     conjugate_gradient,
-    kfac_factors,
+    kfac_curvature,
     kfac_layers,
     kfac_solve,
     kron_mean_preconditioner,
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         g = torch.Generator().manual_seed(m)
         x = torch.randn(args.images, 1, 28, 28, generator=g) * (1 + m) + m
         y = torch.randint(0, 10, (args.images,), generator=g)
-        factors.append(kfac_factors(model, layers, [CurvatureGroup(None, x, y, "cross_entropy", 1 / args.images)]))
+        factors.append(kfac_curvature(model, layers, [CurvatureGroup(None, x, y, "cross_entropy", 1 / args.images)])[0])
     weights = torch.full((args.clients,), 1 / args.clients, dtype=torch.float64)
     results: dict[str, float] = {}
     for damping in args.dampings:

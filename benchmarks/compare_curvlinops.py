@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fipa.curvature.ggn import CurvatureGroup
-from fipa.curvature.kfac import kfac_factors, kfac_layers
+from fipa.curvature.kfac import kfac_curvature, kfac_layers
 from fipa.models import SmallCNN
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         return op
 
     def fipa(estimator: str):
-        return kfac_factors(model, layers, [group], estimator, torch.Generator().manual_seed(1), args.chunk)
+        return kfac_curvature(model, layers, [group], estimator, torch.Generator().manual_seed(1), args.chunk)[0]
 
     theirs = curvlinops("type-2")
     for layer, (A, G) in zip(layers, fipa("ggn")):

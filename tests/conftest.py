@@ -56,3 +56,26 @@ def metrics_without_timing(path) -> list[dict[str, str]]:
 
     with open(path) as f:
         return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def resumed_equals_uninterrupted(make_config, overrides, tmp_path) -> bool:
+    """Run `overrides` for 5 rounds; run them for 2 with a checkpoint, resume that run as if it had been killed
+    after round 2, and tell whether its metrics equal the uninterrupted run's, bit for bit."""
+    from fipa.train import run, run_resumable
+
+    run(make_config(*overrides, "federation.rounds=5", "federation.checkpoint_every=2"), tmp_path / "full")
+    partial = tmp_path / "partial"
+    run(make_config(*overrides, "federation.rounds=2", "federation.checkpoint_every=2"), partial)
+    (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
+    (partial / "config.yaml").write_text((partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 5"))
+    run_resumable([], partial)
+    return metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
+
+
+def record_updates(trainer) -> list:
+    """The ClientUpdates the first phase's aggregator receives, in order (the aggregator still gets them)."""
+    seen: list = []
+    rule = trainer.phases[0].aggregator
+    fold = rule.update
+    rule.update = lambda update: (seen.append(update), fold(update))[1]
+    return seen

@@ -5,13 +5,12 @@ import types
 
 import pytest
 import torch
+from conftest import record_updates, resumed_equals_uninterrupted
 from torch import nn
 
-from conftest import metrics_without_timing
-from fipa.client import ClientUpdate
 from fipa.client_methods import FedDyn, feddyn_client_state, feddyn_model, feddyn_server_state
 from fipa.errors import ConfigError
-from fipa.train import build, run, run_resumable
+from fipa.train import build, run
 
 DT = torch.float64
 
@@ -68,19 +67,11 @@ def test_on_heterogeneous_quadratics_feddyn_reaches_the_global_optimum_and_fedav
     assert float(h) == pytest.approx(sum(g) / 3)  # h stays the mean of the client states
 
 
-def _recorded(trainer):
-    (feddyn,) = trainer.client_methods
-    seen: list[ClientUpdate] = []
-    rule = trainer.phases[0].aggregator
-    record = rule.update
-    rule.update = lambda update: (seen.append(update), record(update))[1]
-    return feddyn, seen
-
-
 def test_a_real_round_keeps_the_client_states_and_corrects_the_model_by_h(tiny_config, tmp_path):
     trainer = build(tiny_config("aggregator=fedavg", "client=feddyn", "client.callbacks.0.alpha=0.1",
                                 "federation.rounds=2"), tmp_path)  # fmt: skip
-    feddyn, seen = _recorded(trainer)
+    (feddyn,) = trainer.client_methods
+    seen = record_updates(trainer)
     start = trainer.flat.get()
     new, _ = trainer.run_round(1, start)
     m = trainer.task.num_clients
@@ -106,14 +97,7 @@ def test_a_nan_client_does_not_poison_feddyn_state(tiny_config, tmp_path):
 
 
 def test_a_resumed_feddyn_run_ends_as_the_uninterrupted_one(tiny_config, tmp_path):
-    overrides = ["aggregator=fedavg", "client=feddyn", "federation.rounds=5", "federation.checkpoint_every=2"]
-    run(tiny_config(*overrides), tmp_path / "full")
-    partial = tmp_path / "partial"
-    run(tiny_config(*overrides[:-2], "federation.rounds=2", "federation.checkpoint_every=2"), partial)
-    (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
-    (partial / "config.yaml").write_text((partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 5"))
-    run_resumable([], partial)
-    assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
+    assert resumed_equals_uninterrupted(tiny_config, ["aggregator=fedavg", "client=feddyn"], tmp_path)
 
 
 def test_feddyn_runs_with_the_last_layer_fipa_phase(tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import record_updates
 
 from fipa.aggregators import FedAvg, FedNova
 from fipa.aggregators.fednova import momentum_step_norm
@@ -72,10 +73,7 @@ def test_a_fednova_round_with_unequal_local_work_matches_the_formula_on_its_clie
     cfg = tiny_config("aggregator=fednova", "optimizer=sgd", "optimizer.lr=0.05", "federation.local_epochs=1",
                       "federation.local_epochs_max=6", "federation.rounds=1")  # fmt: skip
     trainer = build(cfg, tmp_path)
-    rule = trainer.phases[0].aggregator
-    seen: list[ClientUpdate] = []
-    record = rule.update
-    rule.update = lambda update: (seen.append(update), record(update))[1]
+    seen = record_updates(trainer)
     start = trainer.flat.get()
     new, row = trainer.run_round(1, start)
     steps = [int(u.metrics["local_steps"]) for u in seen]
@@ -96,10 +94,7 @@ def test_momentum_sgd_clients_report_the_heavy_ball_norm(tiny_config, tmp_path):
     cfg = tiny_config("aggregator=fednova", "optimizer=sgd", "optimizer.lr=0.01", "optimizer.momentum=0.9",
                       "federation.local_epochs=4", "federation.rounds=1")  # fmt: skip
     trainer = build(cfg, tmp_path)
-    rule = trainer.phases[0].aggregator
-    seen: list[ClientUpdate] = []
-    record = rule.update
-    rule.update = lambda update: (seen.append(update), record(update))[1]
+    seen = record_updates(trainer)
     trainer.run_round(1, trainer.flat.get())
     assert {u.metrics["local_steps"] for u in seen} == {4.0}
     # 4 heavy-ball steps with rho 0.9: (1 + 1.9 + 2.71 + 3.439) = 9.049

@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose_config
+
 from fipa.client_methods import (
     FedRCL,
     cosine_similarities,

@@ -243,18 +243,10 @@ def test_the_variants_run_from_the_config_and_count_what_clients_upload(tiny_con
 
 
 def test_a_resumed_trust_region_run_ends_as_the_uninterrupted_one(tiny_config, tmp_path):
-    from conftest import metrics_without_timing
-    from fipa.train import run, run_resumable
+    from conftest import resumed_equals_uninterrupted
 
-    overrides = ["aggregator=fipa", "aggregator.solver=anchored", "aggregator.adaptive_damping=true",
-                 "federation.rounds=5", "federation.checkpoint_every=2"]  # fmt: skip
-    run(tiny_config(*overrides), tmp_path / "full")
-    partial = tmp_path / "partial"
-    run(tiny_config(*overrides[:-2], "federation.rounds=2", "federation.checkpoint_every=2"), partial)
-    (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
-    (partial / "config.yaml").write_text((partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 5"))
-    run_resumable([], partial)
-    assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
+    overrides = ["aggregator=fipa", "aggregator.solver=anchored", "aggregator.adaptive_damping=true"]
+    assert resumed_equals_uninterrupted(tiny_config, overrides, tmp_path)
 
 
 def test_adaptive_local_epochs_by_hand():

@@ -22,7 +22,6 @@ from fipa.curvature.kfac import (
     eigendecomposition_budget,
     group_norms,
     kfac_curvature,
-    kfac_factors,
     kfac_layers,
     kfac_solve,
     kron_mean_preconditioner,
@@ -104,7 +103,7 @@ def test_factors_match_a_dense_per_sample_reference(loss, estimator):
     groups = [CurvatureGroup(output_fn, x, y, loss=loss, weight=1 / 5)]
     layers, rest = kfac_layers(model, [n for n, _ in model.named_parameters()])
     assert [layer.module for layer in layers] == ["0", "3", "5"] and rest == []
-    factors = kfac_factors(model, layers, groups, estimator, chunk_size=2)  # chunks must not change the sums
+    factors = kfac_curvature(model, layers, groups, estimator, chunk_size=2)[0]  # chunks must not change the sums
     reference = dense_kfac_reference(model, x, loss, estimator, y)
     for (A, G), (A_ref, G_ref) in zip(factors, reference):
         torch.testing.assert_close(A, A_ref)
@@ -122,7 +121,7 @@ def test_linear_layer_over_a_sequence_counts_every_position_as_a_location():
         return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
 
     layers, _ = kfac_layers(model, [n for n, _ in model.named_parameters()])
-    (A, G), _ = kfac_factors(model, layers, [CurvatureGroup(output_fn, x, None, loss="mse", weight=1 / 6)], "ggn")
+    (A, G), _ = kfac_curvature(model, layers, [CurvatureGroup(output_fn, x, None, loss="mse", weight=1 / 6)], "ggn")[0]
     A_ref, G_ref = torch.zeros(4, 4, dtype=DT), torch.zeros(4, 4, dtype=DT)
     for xi in x:
         rows = torch.cat([xi.reshape(10, 3), torch.ones(10, 1, dtype=DT)], dim=1)
@@ -166,7 +165,7 @@ def test_group_norm_diagonal_from_the_kfac_pass_matches_per_sample_jacobians(est
     expected = curvature_diagonal(params, groups, estimator, torch.Generator().manual_seed(5)).detach()
     torch.testing.assert_close(torch.cat([diagonals["1.weight"], diagonals["1.bias"]]), expected)
     assert expected.abs().min() > 0
-    for (A, G), (A_ref, G_ref) in zip(factors, kfac_factors(model, layers, groups, estimator, torch.Generator().manual_seed(5))):
+    for (A, G), (A_ref, G_ref) in zip(factors, kfac_curvature(model, layers, groups, estimator, torch.Generator().manual_seed(5))[0]):
         torch.testing.assert_close(A, A_ref)
         torch.testing.assert_close(G, G_ref)
 
@@ -180,8 +179,8 @@ def test_mc_factors_average_to_the_ggn_factors():
 
     groups = [CurvatureGroup(output_fn, x.repeat(2000, 1, 1, 1), None, loss="cross_entropy", weight=1 / 8000)]
     layers, _ = kfac_layers(model, [n for n, _ in model.named_parameters()])
-    mc = kfac_factors(model, layers, groups, "mc", torch.Generator().manual_seed(0), chunk_size=4000)
-    exact = kfac_factors(model, layers, groups[:1], "ggn", chunk_size=4000)
+    mc = kfac_curvature(model, layers, groups, "mc", torch.Generator().manual_seed(0), chunk_size=4000)[0]
+    exact = kfac_curvature(model, layers, groups[:1], "ggn", chunk_size=4000)[0]
     for (_, G), (_, G_ref) in zip(mc, exact):
         assert (G - G_ref).abs().max() < 0.1 * G_ref.abs().max()
 
@@ -411,11 +410,11 @@ def test_curvature_at_end_is_taken_at_the_trained_model():
     x = data.tensors[0]
     flat.set(start + update.delta)  # the trained local model: its factors are what the client uploaded
     layers, _ = kfac_layers(model, flat.names)
-    expected = kfac_factors(model, layers, module.curvature_groups(data))
+    expected = kfac_curvature(model, layers, module.curvature_groups(data))[0]
     torch.testing.assert_close(update.statistics["kfac_input_factors"], pack([A for A, _ in expected]))
     torch.testing.assert_close(update.statistics["kfac_output_factors"], pack([G for _, G in expected]))
     flat.set(start)
-    at_start = kfac_factors(model, layers, module.curvature_groups(data))
+    at_start = kfac_curvature(model, layers, module.curvature_groups(data))[0]
     assert not torch.allclose(pack([G for _, G in at_start]), update.statistics["kfac_output_factors"])
     assert len(x) == 20
 

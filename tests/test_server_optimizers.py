@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import metrics_without_timing, resumed_equals_uninterrupted
 
-from conftest import metrics_without_timing
 from fipa.errors import ConfigError
 from fipa.server_optimizers import ServerAdaptive, ServerMomentum, ServerSGD
-from fipa.train import run, run_resumable
+from fipa.train import run
 
 DT = torch.float64
 X0 = torch.tensor([1.0, -2.0], dtype=DT)
@@ -107,17 +107,9 @@ def test_the_default_is_sgd_with_lr_one_and_fedavgm_moves_the_model_further_than
 
 @pytest.mark.parametrize("server_optimizer", ["momentum", "adam"])
 def test_a_resumed_run_restores_the_server_optimizer_state(tiny_config, tmp_path, server_optimizer):
-    overrides = ["aggregator=fedavg", f"server_optimizer={server_optimizer}", "federation.rounds=5",
-                 "federation.checkpoint_every=2"]  # fmt: skip
-    run(tiny_config(*overrides), tmp_path / "full")
-    partial = tmp_path / "partial"
-    run(tiny_config(*overrides[:-2], "federation.rounds=2", "federation.checkpoint_every=2"), partial)
-    (partial / "summary.json").unlink()  # as if killed after the round-2 checkpoint
-    (partial / "config.yaml").write_text((partial / "config.yaml").read_text().replace("rounds: 2", "rounds: 5"))
-    state = torch.load(partial / "checkpoints" / "round_2.pt", weights_only=False)["server_optimizer"]
+    assert resumed_equals_uninterrupted(tiny_config, ["aggregator=fedavg", f"server_optimizer={server_optimizer}"], tmp_path)
+    state = torch.load(tmp_path / "partial" / "checkpoints" / "round_2.pt", weights_only=False)["server_optimizer"]
     assert state["m"] is not None  # the momentum (and adam's moments) are in the checkpoint
-    run_resumable([], partial)
-    assert metrics_without_timing(partial / "metrics.csv") == metrics_without_timing(tmp_path / "full" / "metrics.csv")
 
 
 def test_a_non_finite_proposal_reaches_neither_the_model_nor_the_optimizer_state(tiny_config, tmp_path):
@@ -150,6 +142,7 @@ def test_a_non_finite_proposal_reaches_neither_the_model_nor_the_optimizer_state
 def test_a_later_phase_may_take_its_own_server_optimizer(tmp_path):
     """FedAvgM warm-up, then plain steps: after the switch the new model is the aggregator's proposal itself."""
     from conftest import compose_config
+
     from fipa.train import build
 
     cfg = compose_config("experiment=regression_1d_m4", "task.points_per_client=20", "federation.local_epochs=2",

@@ -43,7 +43,6 @@ __all__ = [
     "eigendecomposition_budget",
     "group_norms",
     "kfac_curvature",
-    "kfac_factors",
     "kfac_layers",
     "kfac_solve",
     "kron_mean_preconditioner",
@@ -147,18 +146,6 @@ def _add_output_gram(module: nn.Module, grad: Tensor, G: Tensor, alpha: float) -
     else:
         g = grad.reshape(-1, grad.shape[-1])
         G.addmm_(g.T, g, alpha=alpha)
-
-
-def kfac_factors(
-    model: nn.Module,
-    layers: Sequence[KFACLayer],
-    groups: Sequence[CurvatureGroup],
-    estimator: str = "ggn",
-    generator: torch.Generator | None = None,
-    chunk_size: int | None = 256,
-) -> list[tuple[Tensor, Tensor]]:
-    """(A, G) of every layer (module docstring): `kfac_curvature` without norm layers."""
-    return kfac_curvature(model, layers, groups, estimator, generator, chunk_size)[0]
 
 
 def kfac_curvature(
