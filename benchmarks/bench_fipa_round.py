@@ -203,7 +203,7 @@ def resnet_trainer(aggregator: str, args, rounds: int):
                               batch_size=args.batch_size)
     model = ResNet20GN(generator=torch_generator(args.seed, INIT))
     if aggregator == "fipa_kfac":  # conf/aggregator/fipa_kfac.yaml with cifar10_resnet20's 128 curvature images
-        agg = FIPA(rank=None, step_size=1.0, solver="damped", beta=0.5, gamma=0.5, representation="kfac",
+        agg = FIPA(rank=None, step_size=1.0, solver="damped", beta=0.1, gamma=0.5, representation="kfac",
                    curvature_samples=args.resnet_curvature_samples, sample_block=args.sample_block, seed=args.seed)
     else:
         agg = FedAvg()
