@@ -19,7 +19,6 @@ from fipa.curvature.kfac import (
     compressed_size,
     conjugate_gradient,
     decompress_factor,
-    eigendecomposition_budget,
     group_norms,
     kfac_curvature,
     kfac_layers,
@@ -240,19 +239,11 @@ def test_kronecker_preconditioner_inverts_the_mean_factors_product_and_cuts_cg_i
     B = torch.randn(8, 30, dtype=DT, generator=g)
     damping = 1e-5
     expected = torch.linalg.solve(dense_kron_sum(Gs, As, weights) + damping * torch.eye(240, dtype=DT), B.reshape(-1))
-    solved, steps = kfac_solve(Gs, As, weights, B, damping, rtol=1e-10)  # Jacobi for its budget, then Kronecker
+    solved, preconditioned = kfac_solve(Gs, As, weights, B, damping, rtol=1e-10)
     torch.testing.assert_close(solved.reshape(-1), expected)
     matvec = lambda X: kron_sum_matvec(Gs, As, weights, X) + damping * X  # noqa: E731
     _, plain = conjugate_gradient(matvec, B, rtol=1e-10, max_iters=2000)
-    _, kronecker = conjugate_gradient(
-        matvec, B, preconditioner=kron_mean_preconditioner(Gs, As, weights, damping), rtol=1e-10
-    )
-    budget = eigendecomposition_budget(8, 30, 2)
-    assert kronecker < plain / 3, (kronecker, plain)
-    assert budget < steps <= budget + kronecker + 1  # Jacobi spent its budget, the Kronecker steps finished it
-    # a large damping: Jacobi converges within the budget and no eigendecomposition is paid for
-    _, easy = kfac_solve(Gs, As, weights, B, 1e3, rtol=1e-10)
-    assert easy < budget
+    assert preconditioned < plain / 3, (preconditioned, plain)
 
 
 def test_a_compressed_factor_keeps_its_top_eigenpairs_and_its_trace():
