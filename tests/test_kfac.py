@@ -452,3 +452,38 @@ def test_two_rounds_end_to_end(aggregator, tiny_config, tmp_path):
     assert float(rows[-1]["test_mse"]) < float(rows[0]["test_mse"])
     if "kfac" in aggregator:  # every layer is a Linear: nothing goes to the diagonal
         assert int(rows[0]["bytes_up_kfac_input_factors"]) > 0 and int(rows[0]["bytes_up_curvature_diagonal"]) == 0
+
+
+def test_the_uploaded_diagonal_covers_group_norm_and_other_parameters_in_the_layouts_order():
+    """A client with GroupNorm (diagonal from the K-FAC pass) and LayerNorm (per-sample Jacobians) between
+    Kronecker-factored layers uploads one diagonal whose coordinates are the layout's `rest`, in order: it must
+    equal the per-sample-Jacobian diagonal of those parameters, however the two sources interleave."""
+    from fipa.tasks.classification import ClassificationTask
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False, dtype=DT), nn.GroupNorm(2, 4, dtype=DT), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 6, dtype=DT), nn.LayerNorm(6, dtype=DT), nn.Tanh(), nn.Linear(6, 3, dtype=DT),
+    )  # fmt: skip
+    with torch.no_grad():  # affine maps away from the identity, so a misplaced coordinate shows
+        for norm in (model[1], model[5]):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(9, 1, 5, 5, dtype=DT), torch.randint(3, (9,))
+    task = ClassificationTask(client_data=[(x, y)], test_data=(x, y), num_classes=3, batch_size=9)
+    module = task.build_module(model, lambda params: torch.optim.SGD(params, lr=1e-3))
+    fipa = FIPA(representation="kfac", rank=None)
+    flat = FlatParameters(model)
+    fipa.bind(flat)
+    data = task.client_dataset(0)
+    start = flat.get()
+    update = train_client(0, module, flat, start, data, batch_loader(data, None, False), 1, LocalTrainer(fipa.client_callbacks()))
+    flat.set(start)  # the broadcast point, where the curvature was taken
+    layers, rest = kfac_layers(model, flat.names)
+    assert rest == ["1.weight", "1.bias", "5.weight", "5.bias"]
+    params = {n: p.detach() for n, p in model.named_parameters() if n in rest}
+    expected = curvature_diagonal(params, module.curvature_groups(data), "ggn").detach()
+    torch.testing.assert_close(update.statistics["curvature_diagonal"], expected)
+    layout = KFACLayout(layers, flat.names, [p.shape for p in model.parameters()])
+    names_of_rest = [n for n, p in model.named_parameters() for _ in range(p.numel())]
+    assert [names_of_rest[i] for i in layout.rest.tolist()] == [n for n in rest for _ in range(params[n].numel())]
