@@ -454,10 +454,9 @@ def test_two_rounds_end_to_end(aggregator, tiny_config, tmp_path):
         assert int(rows[0]["bytes_up_kfac_input_factors"]) > 0 and int(rows[0]["bytes_up_curvature_diagonal"]) == 0
 
 
-def test_the_uploaded_diagonal_covers_group_norm_and_other_parameters_in_the_layouts_order():
-    """A client with GroupNorm (diagonal from the K-FAC pass) and LayerNorm (per-sample Jacobians) between
-    Kronecker-factored layers uploads one diagonal whose coordinates are the layout's `rest`, in order: it must
-    equal the per-sample-Jacobian diagonal of those parameters, however the two sources interleave."""
+def normed_client(representation):
+    """A client with GroupNorm and LayerNorm between a convolution and Linear layers, uploading `representation`,
+    after one local fit; returns its model (at the broadcast point), data, module, flat layout and update."""
     from fipa.tasks.classification import ClassificationTask
 
     torch.manual_seed(5)
@@ -472,13 +471,22 @@ def test_the_uploaded_diagonal_covers_group_norm_and_other_parameters_in_the_lay
     x, y = torch.randn(9, 1, 5, 5, dtype=DT), torch.randint(3, (9,))
     task = ClassificationTask(client_data=[(x, y)], test_data=(x, y), num_classes=3, batch_size=9)
     module = task.build_module(model, lambda params: torch.optim.SGD(params, lr=1e-3))
-    fipa = FIPA(representation="kfac", rank=None)
+    fipa = FIPA(representation=representation, rank=None)
     flat = FlatParameters(model)
     fipa.bind(flat)
     data = task.client_dataset(0)
     start = flat.get()
-    update = train_client(0, module, flat, start, data, batch_loader(data, None, False), 1, LocalTrainer(fipa.client_callbacks()))
+    callbacks = LocalTrainer(fipa.client_callbacks())
+    update = train_client(0, module, flat, start, data, batch_loader(data, None, False), 1, callbacks)
     flat.set(start)  # the broadcast point, where the curvature was taken
+    return model, data, module, flat, update
+
+
+def test_the_uploaded_diagonal_covers_group_norm_and_other_parameters_in_the_layouts_order():
+    """A K-FAC client with GroupNorm (diagonal from the K-FAC pass) and LayerNorm (per-sample Jacobians) between
+    Kronecker-factored layers uploads one diagonal whose coordinates are the layout's `rest`, in order: it must
+    equal the per-sample-Jacobian diagonal of those parameters, however the two sources interleave."""
+    model, data, module, flat, update = normed_client("kfac")
     layers, rest = kfac_layers(model, flat.names)
     assert rest == ["1.weight", "1.bias", "5.weight", "5.bias"]
     params = {n: p.detach() for n, p in model.named_parameters() if n in rest}
@@ -487,3 +495,48 @@ def test_the_uploaded_diagonal_covers_group_norm_and_other_parameters_in_the_lay
     layout = KFACLayout(layers, flat.names, [p.shape for p in model.parameters()])
     names_of_rest = [n for n, p in model.named_parameters() for _ in range(p.numel())]
     assert [names_of_rest[i] for i in layout.rest.tolist()] == [n for n in rest for _ in range(params[n].numel())]
+
+
+def test_a_diagonal_client_uploads_the_per_sample_jacobian_diagonal_of_every_parameter():
+    """representation=diagonal reads Linear, Conv2d and GroupNorm diagonals off the backward passes and LayerNorm's
+    from per-sample Jacobians: together, the per-sample-Jacobian diagonal of the whole model, in parameter order."""
+    model, data, module, flat, update = normed_client("diagonal")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    expected = curvature_diagonal(params, module.curvature_groups(data), "ggn").detach()
+    torch.testing.assert_close(update.statistics["curvature_diagonal"], expected)
+
+
+@pytest.mark.parametrize("estimator", ["ggn", "mc", "empirical"])
+def test_layer_diagonals_from_the_kfac_pass_match_per_sample_jacobians(estimator):
+    """The Linear / Conv2d diagonal read off the K-FAC backward passes (representation=diagonal's fast path) equals
+    the per-sample-Jacobian diagonal of fipa.curvature.ggn, for a convolution, Linear layers with and without a
+    selected bias, and a Linear over extra locations."""
+    model = conv_net()
+    x, y = torch.randn(7, 2, 4, 4, dtype=DT), torch.randint(3, (7,))
+
+    def output_fn(params, xi):
+        return torch.func.functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    groups = [CurvatureGroup(output_fn, x, y, loss="cross_entropy", weight=1 / 7)]
+    selected = ["0.weight", "0.bias", "3.weight", "5.weight", "5.bias"]  # 3.bias left out: it goes to the fallback
+    layers, rest = kfac_layers(model, selected)
+    assert rest == [] and layers[1].bias is None
+    _, diagonals = kfac_curvature(model, [], groups, estimator, torch.Generator().manual_seed(2), 3, diagonal_layers=layers)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in selected}
+    expected = curvature_diagonal(params, groups, estimator, torch.Generator().manual_seed(2)).detach()
+    torch.testing.assert_close(torch.cat([diagonals[n].reshape(-1) for n in params]), expected)
+
+    torch.manual_seed(3)
+    sequence = nn.Sequential(nn.Linear(3, 4, dtype=DT), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 4, 2, dtype=DT))
+    xs = torch.randn(6, 2, 5, 3, dtype=DT)
+
+    def sequence_fn(params, xi):
+        return torch.func.functional_call(sequence, params, (xi.unsqueeze(0),)).squeeze(0)
+
+    groups = [CurvatureGroup(sequence_fn, xs, None, loss="mse", weight=1 / 6)]
+    names = [n for n, _ in sequence.named_parameters()]
+    layers, _ = kfac_layers(sequence, names)
+    _, diagonals = kfac_curvature(sequence, [], groups, "ggn", diagonal_layers=layers)
+    params = {n: p.detach() for n, p in sequence.named_parameters()}
+    expected = curvature_diagonal(params, groups, "ggn").detach()
+    torch.testing.assert_close(torch.cat([diagonals[n].reshape(-1) for n in names]), expected)

@@ -250,7 +250,10 @@ class CurvatureCallback(ClientCallback):
             )
             groups = subsample_groups(pl_module.curvature_groups(pl_module.local_data), self.max_samples, generator)
             if self.representation == "diagonal":
-                diagonal = curvature_diagonal(params, groups, self.estimator, generator, self.sample_block)
+                if getattr(pl_module, "curvature_outputs_are_model_outputs", False):
+                    diagonal = self._layered_diagonal(client_model(pl_module), params, groups, generator)
+                else:  # e.g. PINN residuals: only per-sample Jacobians see them
+                    diagonal = curvature_diagonal(params, groups, self.estimator, generator, self.sample_block)
                 if self._diagonal is None:
                     self._diagonal = diagonal
                 else:
@@ -283,10 +286,7 @@ class CurvatureCallback(ClientCallback):
         layers, rest = kfac_layers(model, list(params))
         norms = group_norms(model, rest)
         factors, diagonals = kfac_curvature(model, layers, groups, self.estimator, generator, self.sample_block, norms)
-        others = {name: params[name] for name in rest if name not in diagonals}  # e.g. LayerNorm, grouped convs
-        if others:
-            flat = curvature_diagonal(others, groups, self.estimator, generator, self.sample_block).detach()
-            diagonals.update(zip(others, flat.split([p.numel() for p in others.values()])))
+        self._fill_other_diagonals(diagonals, params, rest, groups, generator)
         ref = next(iter(params.values()))
         diagonal = torch.cat([diagonals[name].reshape(-1) for name in rest]) if rest else ref.new_zeros(0)
         return {
@@ -294,6 +294,23 @@ class CurvatureCallback(ClientCallback):
             "kfac_output_factors": pack([G for _, G in factors], self.factor_rank, generator),
             "curvature_diagonal": diagonal,
         }
+
+    def _layered_diagonal(self, model, params, groups, generator) -> Tensor:
+        """The exact GGN diagonal of `params` read off one backward pass per factor column (Linear, Conv2d and
+        GroupNorm parameters, as K-FAC's factors are), per-sample Jacobians for any other parameter."""
+        layers, rest = kfac_layers(model, list(params))
+        norms = group_norms(model, rest)
+        _, diagonals = kfac_curvature(model, [], groups, self.estimator, generator, self.sample_block, norms, layers)
+        self._fill_other_diagonals(diagonals, params, rest, groups, generator)
+        return torch.cat([diagonals[name].reshape(-1) for name in params])
+
+    def _fill_other_diagonals(self, diagonals: dict, params: dict, names: list[str], groups, generator) -> None:
+        """Per-sample-Jacobian diagonals of the `names` no backward-pass reading covered (e.g. LayerNorm, grouped
+        convolutions), from the same groups and (mc) the same sample."""
+        others = {name: params[name] for name in names if name not in diagonals}
+        if others:
+            flat = curvature_diagonal(others, groups, self.estimator, generator, self.sample_block).detach()
+            diagonals.update(zip(others, flat.split([p.numel() for p in others.values()])))
 
     def _lowrank_curvature(self, params, groups, generator) -> LowRankCurvature:
         num_params = sum(p.numel() for p in params.values())

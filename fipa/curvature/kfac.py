@@ -154,16 +154,20 @@ def kfac_curvature(
     generator: torch.Generator | None = None,
     chunk_size: int | None = 256,
     norms: Sequence[str] = (),
+    diagonal_layers: Sequence[KFACLayer] = (),
 ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
     """(A, G) of every layer (module docstring), from batched forward passes of `model` over the groups' inputs,
-    and the exact GGN diagonal of the GroupNorm modules `norms` (`group_norms`), keyed by parameter name.
+    and the exact GGN diagonal of the GroupNorm modules `norms` (`group_norms`) and of the Linear / Conv2d layers
+    `diagonal_layers` (their weight and selected bias; for representation=diagonal), keyed by parameter name.
 
     The output factors s (ggn: exact S = s s^T; mc: one sample; empirical: the loss gradient) and the mc noise are
     those of `fipa.curvature.ggn`, so every estimator means the same here as for the low-rank and diagonal
     representations. One backward pass per factor column gives every layer's g at once, and with it the norm
     layers' per-sample gradients: y = gamma x_hat + beta gives d/dgamma = sum over locations of g x_hat and
     d/dbeta = sum of g, whose squares summed over samples and columns are the diagonal (what per-sample Jacobians
-    through the whole network would cost C backward passes per sample for).
+    through the whole network would cost C backward passes per sample for). A diagonal layer's per-sample weight
+    gradient is g a^T summed over its locations (a batched product for a convolution's patches; for a Linear
+    without extra locations the squares factor as (g^2)^T (a^2)), its bias gradient the sum of g.
     """
     modules = dict(model.named_modules())
     ref = next(model.parameters())
@@ -175,7 +179,12 @@ def kfac_curvature(
         for name in norms
         for kind in ("weight", "bias")
     }
-    watched = [layer.module for layer in layers] + list(norms)
+    for layer in diagonal_layers:
+        module = modules[layer.module]
+        diagonals[layer.weight] = torch.zeros_like(module.weight, dtype=ref.dtype)
+        if layer.bias is not None:
+            diagonals[layer.bias] = torch.zeros(layer.out_dim, dtype=ref.dtype, device=ref.device)
+    watched = [layer.module for layer in layers] + list(norms) + [layer.module for layer in diagonal_layers]
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 
     def capture(name: str) -> Callable:
@@ -200,6 +209,10 @@ def kfac_curvature(
                     s = _factors(z.detach(), targets, eps, group.loss, estimator)  # (b, C, k)
                     outputs = [captured[name][1] for name in watched]
                     normalized = [_group_normalized(modules[name], captured[name][0]) for name in norms]
+                    per_sample_inputs = [
+                        _per_sample_inputs(modules[layer.module], captured[layer.module][0])
+                        for layer in diagonal_layers
+                    ]
                     for j in range(s.shape[-1]):
                         grads = torch.autograd.grad(
                             z, outputs, s[..., j], retain_graph=j + 1 < s.shape[-1], allow_unused=True
@@ -212,6 +225,10 @@ def kfac_curvature(
                                 g = grad.flatten(2)  # (b, C, locations)
                                 diagonals[f"{name}.weight"].add_((g * x_hat).sum(2).square().sum(0), alpha=weight)
                                 diagonals[f"{name}.bias"].add_(g.sum(2).square().sum(0), alpha=weight)
+                        diagonal_grads = grads[len(layers) + len(norms) :]
+                        for layer, a, grad in zip(diagonal_layers, per_sample_inputs, diagonal_grads):
+                            if grad is not None:
+                                _add_layer_diagonal(modules[layer.module], layer, a, grad, diagonals, weight)
                 for index, layer in enumerate(layers):
                     inputs_seen = captured[layer.module][0]
                     _add_input_gram(modules[layer.module], inputs_seen, layer.bias is not None, A[index], weight)
@@ -224,6 +241,33 @@ def kfac_curvature(
         for factor in A:
             factor /= total_weight
     return list(zip(A, G)), diagonals
+
+
+def _per_sample_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """A layer's inputs per sample, (b, locations, in): a convolution's unfolded patches, a Linear's rows."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # kfac_layers leaves string paddings to the caller
+        return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+    return x.reshape(len(x), -1, x.shape[-1])
+
+
+def _add_layer_diagonal(
+    module: nn.Module, layer: KFACLayer, a: Tensor, grad: Tensor, diagonals: dict[str, Tensor], alpha: float
+) -> None:
+    """diag += alpha * sum over samples of (per-sample gradient)^2, for the layer's weight and selected bias."""
+    g = (
+        grad.flatten(2).transpose(1, 2)
+        if isinstance(module, nn.Conv2d)
+        else grad.reshape(len(grad), -1, grad.shape[-1])
+    )
+    if a.shape[1] == 1:  # one location: the per-sample gradient g a^T squares elementwise into (g^2) (a^2)^T
+        weight_diagonal = g[:, 0].square().T @ a[:, 0].square()
+    else:
+        weight_diagonal = torch.bmm(g.transpose(1, 2), a).square().sum(0)  # (out, in)
+    diagonals[layer.weight].add_(weight_diagonal.view_as(diagonals[layer.weight]), alpha=alpha)
+    if layer.bias is not None:
+        diagonals[layer.bias].add_(g.sum(1).square().sum(0), alpha=alpha)
 
 
 def _group_normalized(module: nn.Module, x: Tensor) -> Tensor:
