@@ -82,11 +82,12 @@ def test_bad_settings_are_config_errors(make):
         make()
 
 
-@pytest.mark.parametrize("aggregator", ["fedavg", "fipa", "fipa_diag"])
+@pytest.mark.parametrize("aggregator", ["fedavg", "fipa", "fipa_diag", "fipa_lastlayer", "fednova"])
 @pytest.mark.parametrize("server_optimizer", ["momentum", "adam", "yogi", "adagrad"])
 def test_every_aggregator_runs_with_every_server_optimizer(tiny_config, tmp_path, aggregator, server_optimizer):
+    last_layer = ["+preset.last_layer=6.*"] if aggregator == "fipa_lastlayer" else []  # the regression MLP's
     summary = run(
-        tiny_config(f"aggregator={aggregator}", f"server_optimizer={server_optimizer}", "federation.rounds=2"),
+        tiny_config(f"aggregator={aggregator}", f"server_optimizer={server_optimizer}", "federation.rounds=2", *last_layer),
         tmp_path,
     )
     assert summary["status"] == "completed" and math.isfinite(summary["test_mse"])
