@@ -11,6 +11,21 @@ from fipa.client import ClientCallback, client_model
 from fipa.errors import require
 
 
+def add_drift_gradient(params, anchors, coefficient: float, linear=None) -> None:
+    """In place, for the parameters that have a gradient: grad += coefficient (theta - anchor), minus `linear` if
+    given: the gradient of coefficient/2 ||theta - anchor||^2 - <linear, theta> (FedProx's proximal term, FedDyn's
+    dynamic regulariser, FedRCL's proximal term), without a graph."""
+    extra = [None] * len(params) if linear is None else linear
+    rows = [(p, a, v) for p, a, v in zip(params, anchors, extra) if p.grad is not None]
+    if not rows:
+        return
+    with_grad, anchored, linear_terms = zip(*rows)
+    grads = [p.grad for p in with_grad]
+    torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in with_grad], list(anchored)), alpha=coefficient)
+    if linear is not None:
+        torch._foreach_sub_(grads, list(linear_terms))
+
+
 class ProximalTerm(ClientCallback):
     """FedProx's client half: adds mu/2 ||w - w_global||^2 to the local objective.
 
@@ -30,13 +45,8 @@ class ProximalTerm(ClientCallback):
         self._anchor = [p.detach().clone() for p in self._params]
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if self.mu == 0:
-            return
-        with_grad = [(p, a) for p, a in zip(self._params, self._anchor) if p.grad is not None]
-        if with_grad:
-            params, anchors = zip(*with_grad)
-            diffs = torch._foreach_sub([p.detach() for p in params], anchors)
-            torch._foreach_add_([p.grad for p in params], diffs, alpha=self.mu)
+        if self.mu != 0:
+            add_drift_gradient(self._params, self._anchor, self.mu)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._anchor, self._params = [], []
@@ -280,12 +290,7 @@ class FedDyn(ClientCallback):
         self._linear = [s.view_as(p) for s, p in zip(state.split(sizes), self._params)]
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        triples = [(p, a, s) for p, a, s in zip(self._params, self._anchors, self._linear) if p.grad is not None]
-        if triples:
-            params, anchors, linear = zip(*triples)
-            grads = [p.grad for p in params]
-            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in params], anchors), alpha=self.alpha)
-            torch._foreach_sub_(grads, list(linear))
+        add_drift_gradient(self._params, self._anchors, self.alpha, self._linear)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._state is not None  # set by on_train_start
@@ -434,13 +439,11 @@ class FedRCL(ClientCallback):
             loss.backward()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        with_grad = [(p, a) for p, a in zip(self._params, self._anchor) if p.grad is not None]
-        if self.prox_weight and with_grad:
-            params, anchors = zip(*with_grad)
-            diffs = torch._foreach_sub([p.detach() for p in params], anchors)
-            torch._foreach_add_([p.grad for p in params], diffs, alpha=2 * self.prox_weight)
+        if self.prox_weight:
+            add_drift_gradient(self._params, self._anchor, 2 * self.prox_weight)
+        with_grad = [p for p in self._params if p.grad is not None]
         if self.clip_norm is not None and with_grad:
-            torch.nn.utils.clip_grad_norm_([p for p, _ in with_grad], self.clip_norm)
+            torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._global, self._params, self._anchor = None, [], []

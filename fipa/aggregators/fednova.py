@@ -31,14 +31,6 @@ def momentum_step_norm(steps: int, momentum: float) -> float:
     return (steps - momentum * (1 - momentum**steps) / (1 - momentum)) / (1 - momentum)
 
 
-def normalized_average_step(
-    normalized_sum: Tensor, weighted_norms: float, total_samples: int, step_size: float = 1.0
-) -> Tensor:
-    """step_size * tau_eff * sum_m p_m d_m from the running sums sum_m N_m d_m and sum_m N_m ||a_m||_1."""
-    tau_eff = weighted_norms / total_samples
-    return AF.mean_from_sum(normalized_sum, total_samples, step_size * tau_eff)
-
-
 class LocalStepCounter(ClientCallback):
     """FedNova's client half: counts the local optimizer steps of a fit and reports ||a||_1 (`normalized_steps`)."""
 
@@ -95,9 +87,10 @@ class FedNova(Aggregator):
     def compute(self) -> Tensor:
         if self._total_samples == 0:
             return self._global
-        self._tau_eff = self._weighted_norms / self._total_samples
-        step = normalized_average_step(self._normalized_sum, self._weighted_norms, self._total_samples, self.step_size)
-        return self._global + step
+        self._tau_eff = self._weighted_norms / self._total_samples  # sum_m p_m ||a_m||_1
+        return self._global + AF.mean_from_sum(
+            self._normalized_sum, self._total_samples, self.step_size * self._tau_eff
+        )
 
     def diagnostics(self) -> dict[str, float]:
         return {"tau_eff": self._tau_eff}

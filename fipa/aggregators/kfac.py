@@ -22,9 +22,8 @@ KFAC_STATISTICS = ("kfac_input_factors", "kfac_output_factors", "curvature_diago
 class KFACRound:
     def __init__(self, layout: KFACLayout, factor_rank: int | None = None):
         self.layout = layout
-        self.factor_rank = (
-            factor_rank  # the clients' large factors arrive as this many eigenpairs (fipa.curvature.kfac.pack)
-        )
+        # the clients' large factors arrive as this many eigenpairs (fipa.curvature.kfac.pack); None: dense
+        self.factor_rank = factor_rank
 
     def reset(self, device: torch.device) -> None:
         dt = torch.float64

@@ -282,11 +282,9 @@ class CurvatureCallback(ClientCallback):
             f"image classification); {type(pl_module).__name__}'s are not (e.g. PINN residuals): use "
             "representation=lowrank or diagonal",
         )
-        model = client_model(pl_module)
-        layers, rest = kfac_layers(model, list(params))
-        norms = group_norms(model, rest)
-        factors, diagonals = kfac_curvature(model, layers, groups, self.estimator, generator, self.sample_block, norms)
-        self._fill_other_diagonals(diagonals, params, rest, groups, generator)
+        factors, diagonals, rest = self._backward_pass_curvature(
+            client_model(pl_module), params, groups, generator, True
+        )
         ref = next(iter(params.values()))
         diagonal = torch.cat([diagonals[name].reshape(-1) for name in rest]) if rest else ref.new_zeros(0)
         return {
@@ -296,21 +294,26 @@ class CurvatureCallback(ClientCallback):
         }
 
     def _layered_diagonal(self, model, params, groups, generator) -> Tensor:
-        """The exact GGN diagonal of `params` read off one backward pass per factor column (Linear, Conv2d and
-        GroupNorm parameters, as K-FAC's factors are), per-sample Jacobians for any other parameter."""
-        layers, rest = kfac_layers(model, list(params))
-        norms = group_norms(model, rest)
-        _, diagonals = kfac_curvature(model, [], groups, self.estimator, generator, self.sample_block, norms, layers)
-        self._fill_other_diagonals(diagonals, params, rest, groups, generator)
+        """The exact GGN diagonal of `params`, in their order (`_backward_pass_curvature` without factors)."""
+        _, diagonals, _ = self._backward_pass_curvature(model, params, groups, generator, False)
         return torch.cat([diagonals[name].reshape(-1) for name in params])
 
-    def _fill_other_diagonals(self, diagonals: dict, params: dict, names: list[str], groups, generator) -> None:
-        """Per-sample-Jacobian diagonals of the `names` no backward-pass reading covered (e.g. LayerNorm, grouped
-        convolutions), from the same groups and (mc) the same sample."""
-        others = {name: params[name] for name in names if name not in diagonals}
+    def _backward_pass_curvature(self, model, params, groups, generator, factored: bool):
+        """One backward pass per factor column (`kfac_curvature`): the Linear / Conv2d layers' K-FAC factors if
+        `factored`, else their exact diagonal; GroupNorm's exact diagonal; per-sample Jacobians (same groups, and
+        for mc the same sample) for any other parameter (e.g. LayerNorm, grouped convolutions). Returns the
+        factors, the diagonals by parameter name, and the names the factored layers leave to the diagonal."""
+        layers, rest = kfac_layers(model, list(params))
+        norms = group_norms(model, rest)
+        factors, diagonals = kfac_curvature(
+            model, layers if factored else [], groups, self.estimator, generator, self.sample_block, norms,
+            [] if factored else layers,
+        )  # fmt: skip
+        others = {name: params[name] for name in rest if name not in diagonals}
         if others:
             flat = curvature_diagonal(others, groups, self.estimator, generator, self.sample_block).detach()
             diagonals.update(zip(others, flat.split([p.numel() for p in others.values()])))
+        return factors, diagonals, rest
 
     def _lowrank_curvature(self, params, groups, generator) -> LowRankCurvature:
         num_params = sum(p.numel() for p in params.values())

@@ -118,9 +118,7 @@ def _add_input_gram(module: nn.Module, x: Tensor, with_bias: bool, A: Tensor, al
     """
     D = A.shape[0] - with_bias
     if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        assert not isinstance(padding, str)  # kfac_layers leaves string paddings to the diagonal
-        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (b, D, T)
+        patches = _patches(module, x)  # (b, D, T)
         locations = patches.shape[-1]
         A[:D, :D].add_(torch.bmm(patches, patches.transpose(1, 2)).sum(0), alpha=alpha / locations)
         row_sum = patches.sum((0, 2)) if with_bias else None
@@ -243,12 +241,17 @@ def kfac_curvature(
     return list(zip(A, G)), diagonals
 
 
+def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """A convolution's unfolded input patches, (b, in * kernel, locations)."""
+    padding = module.padding
+    assert not isinstance(padding, str)  # kfac_layers leaves string paddings to the caller
+    return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+
+
 def _per_sample_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """A layer's inputs per sample, (b, locations, in): a convolution's unfolded patches, a Linear's rows."""
     if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        assert not isinstance(padding, str)  # kfac_layers leaves string paddings to the caller
-        return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+        return _patches(module, x).transpose(1, 2)
     return x.reshape(len(x), -1, x.shape[-1])
 
 
@@ -319,7 +322,7 @@ def pack(factors: Sequence[Tensor], rank: int | None = None, generator: torch.Ge
     if not factors:
         return torch.zeros(0)
     return torch.cat([
-        f.reshape(-1) if rank is None or compressed_size(f.shape[0], rank) is None else compress_factor(f, rank, generator)
+        f.reshape(-1) if compressed_size(f.shape[0], rank) is None else compress_factor(f, rank, generator)  # type: ignore[arg-type]
         for f in factors
     ])  # fmt: skip
 
@@ -328,8 +331,8 @@ def unpack(flat: Tensor, dims: Sequence[int], rank: int | None = None) -> list[T
     """Inverse of `pack` for square factors of the given sizes (dense matrices either way)."""
     sizes = [compressed_size(d, rank) or d * d for d in dims]
     return [
-        part.view(d, d) if rank is None or compressed_size(d, rank) is None else decompress_factor(part, d, rank)
-        for part, d in zip(flat.split(sizes), dims)
+        part.view(d, d) if size == d * d else decompress_factor(part, d, rank)  # type: ignore[arg-type]
+        for part, d, size in zip(flat.split(sizes), dims, sizes)
     ]
 
 
