@@ -16,7 +16,9 @@ branched from that checkpoint, one run per variant:
     fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
     fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
     fedadam          FedAvg's direction through FedAdam (server_optimizer=adam), client lr x0.1
-    fednova          FedNova (aggregator=fednova), client lr x0.1
+    fednova          FedNova (aggregator=fednova) under unequal local work: each client trains U{2..8} epochs a round
+                     (mean 5, the preset's), client lr x0.1. With equal work FedNova is FedAvg exactly.
+    fedavg_lr01_unequal  fedavg_lr01 under the same unequal local work (FedNova's like-for-like baseline)
 
 Client methods: plain, fedprox, scaffold, moon, feddyn, and fedrcl, whose warm-up uses server momentum (FedAvgM)
 as in the FIPA authors' code; its branches other than `fedavg` (which continues FedAvgM) take plain server steps
@@ -48,6 +50,8 @@ from fipa.train import completed_summary
 
 CLIENTS = ["plain", "fedprox", "scaffold", "moon", "fedrcl", "feddyn"]
 LAST = 5  # rounds averaged in the smoothed accuracy column
+# Unequal local work with the preset's mean (5 epochs): FedNova's setting, where it differs from FedAvg.
+UNEQUAL_WORK = ["federation.local_epochs=2", "federation.local_epochs_max=8"]
 VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedavg": [],
     "fedavg_lr01": ["schedule.after=fedavg"],
@@ -61,8 +65,11 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedfisher": ["schedule.after=fedfisher"],
     "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
     "fedadam": ["schedule.after=fedavg", "schedule.after_server_optimizer=adam"],
-    "fednova": ["schedule.after=fednova"],
+    "fednova": ["schedule.after=fednova", *UNEQUAL_WORK],
+    "fedavg_lr01_unequal": ["schedule.after=fedavg", *UNEQUAL_WORK],
 }
+# The method matrix (issue 16): every server rule after each client method's warm-up.
+MATRIX = ["fedavg", "fedavg_lr01", "fedadam", "fipa_lastlayer", "fipa", "fednova", "fedavg_lr01_unequal"]
 # Warm-ups and the branches' first phase are FedAvg, whatever train.yaml's default aggregator is (bare fipa-train
 # runs FIPA); the branch phase is chosen by schedule.after.
 WARMUP = ["aggregator=fedavg"]
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="fmnist_dirichlet")
     parser.add_argument("--clients", nargs="+", default=["plain"], choices=CLIENTS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, "matrix"],
+                        help="branch arms; 'matrix' stands for the method matrix's arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--warmup", type=int, default=100, help="FedAvg warm-up rounds (checkpoint at the end)")
     parser.add_argument("--phase", type=int, default=20, help="rounds after the warm-up")
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
     args = parser.parse_args(argv)
     args.warmups = args.warmups or args.out
+    args.variants = [v for name in args.variants for v in (MATRIX if name == "matrix" else [name])]
     if args.checkpoint_every and args.warmup % args.checkpoint_every:
         parser.error(f"--checkpoint-every {args.checkpoint_every} must divide --warmup {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
