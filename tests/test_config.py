@@ -182,7 +182,8 @@ def test_cli_invalid_value_is_one_clear_line(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- sweep presets
 PHASE_AFTER = {"phase_fedavg": "fedavg", "phase_fedavg_lr01": "fedavg", "phase_fipa": "fipa_damped",
-               "phase_fipa_lastlayer": "fipa_lastlayer"}
+               "phase_fipa_lastlayer": "fipa_lastlayer", "phase_fedadam": "fedavg", "phase_fednova": "fednova",
+               "phase_fedavg_lr01_unequal": "fedavg"}
 VARIANT_AGGREGATORS = {"fedavg": "FedAvg", "fedavg_10x": "FedAvg", "fedavg_tau1000": "FedAvg", "fipa": "FIPA", "fipa_full": "FIPA",
                        "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA", "fipa_robust": "FIPA"}  # fmt: skip
 
@@ -216,6 +217,23 @@ def test_every_job_of_every_sweep_preset_composes(sweep):
         assert hydra_node.launcher._target_.endswith("BasicLauncher")  # timed jobs never share the cores
     else:
         assert hydra_node.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_the_matrix_gives_fedrcl_its_fedavgm_warm_up_and_each_arm_its_own_server_steps():
+    jobs, _ = sweep_jobs("matrix_fedrcl")
+    after = {}
+    for job in jobs:
+        cfg = compose_config("sweep=matrix_fedrcl", *job)
+        assert cfg.server_optimizer._target_.endswith("ServerMomentum")  # the warm-up's
+        assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
+        after[dict(o.split("=") for o in job)["variant"]] = cfg.schedule.after_server_optimizer
+    assert after.pop("phase_fedavg") is None  # FedAvgM continues, state and all
+    assert after.pop("phase_fedadam") == "adam"
+    assert set(after.values()) == {"sgd"}
+    # FedNova and its baseline share the unequal local work; the other arms keep the preset's 5 epochs
+    for variant, work in [("phase_fednova", (2, 8)), ("phase_fedavg_lr01_unequal", (2, 8)), ("phase_fipa", (5, None))]:
+        cfg = compose_config("sweep=matrix", "client=moon", f"variant={variant}", "experiment=fmnist_dirichlet")
+        assert (cfg.federation.local_epochs, cfg.federation.local_epochs_max) == work
 
 
 def test_the_pinn_sweeps_use_each_presets_budget_and_the_10x_arm_scales_its_tau():
