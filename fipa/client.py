@@ -39,9 +39,12 @@ class ClientUpdate:
     delta: Tensor
     statistics: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    wire_bytes: dict[str, int] | None = None  # bytes by kind as received over a network (fipa.flower), if so
 
     def payload_bytes(self) -> dict[str, int]:
         """Bytes uploaded by kind: the update itself and each statistic tensor (eigenvectors, eigenvalues, ...)."""
+        if self.wire_bytes is not None:
+            return dict(self.wire_bytes)
         sizes = {"update": _nbytes(self.delta)}
         sizes.update({kind: _nbytes(value) for kind, value in self.statistics.items()})
         return sizes
@@ -53,7 +56,8 @@ class ClientUpdate:
     def to(self, device: torch.device | str) -> ClientUpdate:
         """The same upload with its tensors on `device` (e.g. off a GPU worker, onto the server's device)."""
         stats = {kind: value.to(device) for kind, value in self.statistics.items()}
-        return ClientUpdate(self.client_id, self.num_samples, self.delta.to(device), stats, dict(self.metrics))
+        wire = None if self.wire_bytes is None else dict(self.wire_bytes)
+        return ClientUpdate(self.client_id, self.num_samples, self.delta.to(device), stats, dict(self.metrics), wire)
 
 
 def _nbytes(tensor: Tensor) -> int:
@@ -101,8 +105,13 @@ class ClientCallback(L.Callback):
         """What this client kept from its last round (e.g. its control variate); None if it never trained."""
         return None
 
+    # Where a client's state lives: in a simulation the server keeps it and ships it with every job; on a device
+    # (fipa.flower) it stays on the client, and the server half sees `state=None` unless it needs the state itself.
+    server_keeps_client_state = False
+
     def on_client_result(self, client_id: int, update: ClientUpdate, state: Any) -> None:
-        """A surviving client's update and the state its worker returned from `end_client`."""
+        """A surviving client's update and the state its worker returned from `end_client` (None where the state
+        stays on the client, see `server_keeps_client_state`)."""
 
     def on_round_end(self, params: Tensor) -> Tensor:
         """The round's new global model (after the aggregator and the server optimizer), which a method may

@@ -84,10 +84,11 @@ class Scaffold(ClientCallback):
         return self.client_controls.get(client_id)
 
     def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
-        if state is None:  # no local step was taken
+        delta = update.statistics.get("control_variate")
+        if delta is None:  # no local step was taken
             return
-        self.client_controls[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
-        delta = update.statistics["control_variate"]
+        if state is not None:  # None where c_i stays on the client (fipa.flower)
+            self.client_controls[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
         if self.server_control is None:
             self.server_control = torch.zeros_like(delta)
         if self._pending is None:
@@ -171,8 +172,9 @@ class Moon(ClientCallback):
     def client_state(self, client_id: int) -> torch.Tensor | None:
         return self.previous.get(client_id)
 
-    def on_client_result(self, client_id: int, update, state: torch.Tensor) -> None:
-        self.previous[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
+    def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
+        if state is not None:  # None where the previous model stays on the client (fipa.flower)
+            self.previous[client_id] = state.cpu()  # one flat host tensor per client, whatever the device
 
     # worker side
     def begin_client(self, client_id: int, round_state, client_state) -> None:
@@ -261,6 +263,8 @@ class FedDyn(ClientCallback):
 
     def client_state(self, client_id: int) -> torch.Tensor | None:
         return self.client_states.get(client_id)
+
+    server_keeps_client_state = True  # h is the mean of every client's state: the server needs each new one
 
     def on_client_result(self, client_id: int, update, state: torch.Tensor | None) -> None:
         if state is None:

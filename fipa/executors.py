@@ -18,6 +18,7 @@ import torch
 from fipa.errors import ConfigError, require
 
 if TYPE_CHECKING:
+    from fipa.federated_trainer import FederatedTrainer
     from fipa.runner import ClientRunner
 
 log = logging.getLogger("fipa")
@@ -32,6 +33,11 @@ class Executor:
     def bind(self, config: dict[str, Any], runner: ClientRunner) -> None:
         """Called by fipa.train.build before the run."""
         self.config, self.runner = config, runner
+
+    def host(self, trainer: FederatedTrainer) -> dict[str, Any]:
+        """Run the round loop (`trainer.fit`) where this executor's clients can be reached; returns its summary.
+        Here, in this process; executor=flower runs it inside a Flower ServerApp."""
+        return trainer.fit()
 
     def start(self) -> None:
         """Called by FederatedTrainer.fit before the first round."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +31,22 @@ class Recorder(Protocol):
     def log_round(self, row: dict[str, Any]) -> None: ...
     def restore(self, rows: list[dict[str, Any]]) -> None: ...  # a resumed run's rounds so far
     def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RoundPlan:
+    """One round in flight: who trains, what their jobs ship, and what their uploads have added up to so far."""
+
+    round_idx: int
+    phase: Phase
+    sampled: list[int]  # before dropout
+    round_states: list[Any]  # the client methods' round states (e.g. SCAFFOLD's server control)
+    jobs: list[tuple[int, list[Any]]]  # (client, its client-method states), in the order results are absorbed
+    aggregator_state: Any  # what the rule's client half needs this round
+    device: torch.device  # the global model's: uploads from workers elsewhere move here
+    uploaded: dict[str, int] = field(default_factory=dict)  # bytes by kind
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
+    failed: int = 0
 
 
 class FederatedTrainer:
@@ -114,52 +131,66 @@ class FederatedTrainer:
         return [c for c, stay in zip(clients, stays) if stay]
 
     def run_round(self, round_idx: int, global_params: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        plan = self.begin_round(round_idx, global_params)
+        # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
+        outcomes = self.executor.run(round_idx, global_params, plan.round_states, plan.jobs, plan.aggregator_state)
+        for client_id, outcome in outcomes:
+            self.absorb(plan, client_id, outcome)
+        return self.end_round(plan, global_params)
+
+    def begin_round(self, round_idx: int, global_params: torch.Tensor) -> RoundPlan:
+        """Sample the round's clients, start the rule at the broadcast point and gather what every job ships."""
         sampled = self.sample_clients(round_idx)
         clients = self.drop_out(round_idx, sampled)
         phase = self.phase(round_idx)
-        aggregator = phase.aggregator
-        aggregator.begin_round(round_idx)
-        aggregator.reset(global_params)
+        phase.aggregator.begin_round(round_idx)
+        phase.aggregator.reset(global_params)
         for method in self.client_methods:
             method.on_round_start(round_idx, self.task.num_clients)
-        round_states = [method.round_state() for method in self.client_methods]
-        jobs = [(c, [method.client_state(c) for method in self.client_methods]) for c in clients]
-        uploaded: dict[str, int] = {}
-        client_metrics: list[dict[str, float]] = []
-        failed = 0
-        # Results arrive in client order whatever the executor, so the streamed aggregate is bit-identical.
-        outcome_stream = self.executor.run(round_idx, global_params, round_states, jobs, aggregator.round_state())
-        for client_id, outcome in outcome_stream:
-            if isinstance(outcome, Exception):  # one faulty client must not end a long run
-                log.warning(
-                    "round %d: client %d failed (%s: %s); left out of the round",
-                    round_idx,
-                    client_id,
-                    type(outcome).__name__,
-                    outcome,
-                )
-                failed += 1
-                continue
-            update, client_states = outcome
-            if update.delta.device != global_params.device:  # from a worker on another device
-                update = update.to(global_params.device)
-            if not update.is_finite():
-                log.warning(
-                    "round %d: client %d returned non-finite values; left out of the round", round_idx, client_id
-                )
-                failed += 1
-                continue
-            for method, client_state in zip(self.client_methods, client_states):
-                method.on_client_result(client_id, update, client_state)
-            for kind, size in update.payload_bytes().items():
-                uploaded[kind] = uploaded.get(kind, 0) + size
-            client_metrics.append(update.metrics)
-            aggregator.update(update)
+        return RoundPlan(
+            round_idx=round_idx,
+            phase=phase,
+            sampled=sampled,
+            round_states=[method.round_state() for method in self.client_methods],
+            jobs=[(c, [method.client_state(c) for method in self.client_methods]) for c in clients],
+            aggregator_state=phase.aggregator.round_state(),
+            device=global_params.device,
+        )
 
+    def absorb(self, plan: RoundPlan, client_id: int, outcome: Any) -> None:
+        """Stream one client's outcome (its update and new client states, or its exception) into the round."""
+        round_idx = plan.round_idx
+        if isinstance(outcome, Exception):  # one faulty client must not end a long run
+            log.warning(
+                "round %d: client %d failed (%s: %s); left out of the round",
+                round_idx,
+                client_id,
+                type(outcome).__name__,
+                outcome,
+            )
+            plan.failed += 1
+            return
+        update, client_states = outcome
+        if update.delta.device != plan.device:  # from a worker on another device
+            update = update.to(plan.device)
+        if not update.is_finite():
+            log.warning("round %d: client %d returned non-finite values; left out of the round", round_idx, client_id)
+            plan.failed += 1
+            return
+        for method, client_state in zip(self.client_methods, client_states):
+            method.on_client_result(client_id, update, client_state)
+        for kind, size in update.payload_bytes().items():
+            plan.uploaded[kind] = plan.uploaded.get(kind, 0) + size
+        plan.client_metrics.append(update.metrics)
+        plan.phase.aggregator.update(update)
+
+    def end_round(self, plan: RoundPlan, global_params: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The rule's proposal, applied by the server optimizer, and the round's metrics row."""
+        phase, aggregator, client_metrics = plan.phase, plan.phase.aggregator, plan.client_metrics
         start = time.perf_counter()
         new_params = global_params
         if not client_metrics:
-            log.warning("round %d: no client returned an update; keeping the previous model", round_idx)
+            log.warning("round %d: no client returned an update; keeping the previous model", plan.round_idx)
         else:
             proposed = aggregator.compute()
             if torch.isfinite(proposed).all():
@@ -168,22 +199,23 @@ class FederatedTrainer:
                     new_params = method.on_round_end(new_params)
             else:  # neither the model nor the server optimizer's state take a non-finite proposal
                 log.warning(
-                    "round %d: aggregation produced non-finite parameters; keeping the previous model", round_idx
+                    "round %d: aggregation produced non-finite parameters; keeping the previous model", plan.round_idx
                 )
         aggregate_s = time.perf_counter() - start
 
+        clients = len(plan.jobs)
         row: dict[str, Any] = {
-            "clients": len(clients),
-            "clients_dropped": len(sampled) - len(clients),
-            "clients_failed": failed,
+            "clients": clients,
+            "clients_dropped": len(plan.sampled) - clients,
+            "clients_failed": plan.failed,
             "train_loss": _mean(m.get("train_loss") for m in client_metrics),
             "curvature_s": sum(m.get("curvature_s", 0.0) for m in client_metrics),
             "aggregate_s": aggregate_s,
-            "bytes_up": sum(uploaded.values()),
-            "bytes_down": len(clients) * self.flat.numel * self.bytes_per_param,
+            "bytes_up": sum(plan.uploaded.values()),
+            "bytes_down": clients * self.flat.numel * self.bytes_per_param,
         }
         for kind in sorted({"update", *(k for p in self.phases for k in p.aggregator.required_statistics)}):
-            row[f"bytes_up_{kind}"] = uploaded.get(kind, 0)
+            row[f"bytes_up_{kind}"] = plan.uploaded.get(kind, 0)
         row["phase"] = self.phases.index(phase)
         row.update(_diagnostics_of_every_phase(self.phases, aggregator))
         return new_params, row

@@ -105,8 +105,9 @@ def _recorder(cfg: DictConfig, output_dir: Path):
     return instantiate(cfg.logger, _partial_=True)(run_dir=output_dir, run_config=config, labels=labels)
 
 
-def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """One federated run. Writes metrics.csv and summary.json into output_dir and returns the summary."""
+def run(cfg: DictConfig, output_dir: str | Path | None = None, host=None) -> dict[str, Any]:
+    """One federated run. Writes metrics.csv and summary.json into output_dir and returns the summary.
+    `host(trainer)` runs the round loop (default: the executor's `host`, e.g. inside Flower for executor=flower)."""
     from fipa.recorders import write_json
 
     output_dir = Path(output_dir or _hydra_output_dir() or ".")
@@ -127,7 +128,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         log.info("resuming %s after round %d", output_dir, trainer.resume(checkpoint))
     summary: dict[str, Any] = {"status": "failed"}
     try:
-        summary = trainer.fit()
+        summary = (host or trainer.executor.host)(trainer)
         save_model(trainer.model, output_dir / "model.pt")
         trainer.task.save_artifacts(trainer.model, output_dir)
     finally:

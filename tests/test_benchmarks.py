@@ -132,3 +132,11 @@ def test_bench_compile_modes_runs_and_prints_ratios(capsys):
     ratios, printed = run_benchmark("bench_compile_modes.py", ["--steps", "5", "--repeats", "1"], capsys)
     assert_ratios(printed, ["ratio_compiled_model", "ratio_compiled_loss", "ratio_compiled_step"])
     assert set(printed) == set(ratios)
+
+
+@pytest.mark.slow
+def test_bench_flower_runs_and_prints_ratios(capsys):
+    pytest.importorskip("flwr")
+    returned, printed = run_benchmark("bench_flower.py", ["--rounds", "2"], capsys)
+    assert_ratios(printed, ["ratio_flower_over_ray", "ratio_flower_over_sequential"])
+    assert returned == pytest.approx(printed, rel=1e-3)

@@ -10,6 +10,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from fipa.client import ClientModule
 from fipa.data import batch_loader
+from fipa.errors import ConfigError
+
+
+class WithheldDataset(Dataset):
+    """Another client's data, which this process does not hold."""
+
+    def __init__(self, client_id: int):
+        self.client_id = client_id
+
+    def __len__(self) -> int:
+        raise ConfigError(f"client {self.client_id}'s data is not held here (FederatedTask.keep_only)")
+
+    def __getitem__(self, index):
+        return len(self)
+
+    def to(self, device) -> WithheldDataset:
+        return self
 
 
 class FederatedTask(ABC):
@@ -30,6 +47,10 @@ class FederatedTask(ABC):
 
     def client_dataset(self, client_id: int) -> Dataset:
         return self.datasets[client_id]
+
+    def keep_only(self, client_id: int) -> None:
+        """Drop every other client's data (a Flower SuperNode holds its own partition and nothing else)."""
+        self.datasets = [d if i == client_id else WithheldDataset(i) for i, d in enumerate(self.datasets)]
 
     def client_loader(self, client_id: int, generator: torch.Generator) -> DataLoader:
         shuffle = self.batch_size is not None  # a full batch needs no shuffling

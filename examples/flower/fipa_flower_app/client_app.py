@@ -1,0 +1,5 @@
+"""The ClientApp: trains the client of its SuperNode's `partition-id` (and holds that partition's data only)."""
+
+from fipa.flower import client_app
+
+app = client_app()
