@@ -336,3 +336,36 @@ def test_rounds_table_medians_worst_ratio_and_first_round_ahead(tmp_path):
     assert float(table["fipa"]["worst"]) == 2.0  # seed 0, round 1; seed 1 is behind only in round 2 (1.5x)
     assert table["fipa"]["ahead_from"] == "2 3"
     assert script("rounds_table.py", tmp_path / "nothing").returncode == 1
+
+
+@pytest.mark.parametrize("client", ["plain", "fedrcl"])
+def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client):
+    """scripts/image_table.py --variants matrix and fipa-train -m sweep=matrix(_fedrcl) run the same later phase."""
+    from fipa.config import compose
+
+    table = _image_table()
+    args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[], checkpoint_every=None)
+    sweep = "matrix_fedrcl" if client == "fedrcl" else "matrix"
+    for arm in table.MATRIX:
+        script = compose(table.branch_overrides(args, client, arm, 0, Path("/nowhere/round_100.pt")))
+        preset = compose([f"sweep={sweep}", "experiment=fmnist_dirichlet", f"client={client}", f"variant=phase_{arm}"])
+        run_optimizer = {"ServerSGD": "sgd", "ServerMomentum": "momentum"}
+        for cfg in (script, preset):  # null: the run's own server optimizer, or the paper's 0.1 lr cut
+            own = run_optimizer[cfg.server_optimizer._target_.rsplit(".", 1)[-1]]
+            cfg.schedule.after_server_optimizer = cfg.schedule.after_server_optimizer or own
+            cfg.schedule.lr_scale_after = 1.0 if arm == "fedavg" else (cfg.schedule.lr_scale_after or 0.1)
+        if arm != "fedavg":  # the script's fedavg arm does not switch; the preset's switches to the same rule
+            assert script.schedule.after == preset.schedule.after, arm
+        assert script.schedule.after_server_optimizer == preset.schedule.after_server_optimizer, arm
+        assert script.schedule.lr_scale_after == preset.schedule.lr_scale_after, arm
+        assert script.federation.local_epochs == preset.federation.local_epochs, arm
+        assert script.federation.local_epochs_max == preset.federation.local_epochs_max, arm
+        assert script.server_optimizer == preset.server_optimizer, arm
+
+
+def test_image_table_draws_the_matrix_figure(tmp_path):
+    table = _image_table()
+    rows = [{"client": c, "variant": v, "seed": s, "test_acc_last5": 0.5 + 0.01 * s}
+            for c in ("plain", "fedrcl") for v in table.MATRIX for s in (0, 1)]  # fmt: skip
+    table.plot_matrix(rows, tmp_path)
+    assert (tmp_path / "matrix.png").stat().st_size > 10_000
