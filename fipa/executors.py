@@ -11,19 +11,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from fipa.errors import ConfigError, require
 
 if TYPE_CHECKING:
-    from fipa.federated_trainer import FederatedTrainer
     from fipa.runner import ClientRunner
 
 log = logging.getLogger("fipa")
 
 Job = tuple[int, list[Any]]
+
+
+class RoundLoop(Protocol):
+    """What an executor hosts: the server's round loop (fipa.federated_trainer.FederatedTrainer, a layer above)."""
+
+    def fit(self) -> dict[str, Any]: ...
 
 
 class Executor:
@@ -34,7 +39,7 @@ class Executor:
         """Called by fipa.train.build before the run."""
         self.config, self.runner = config, runner
 
-    def host(self, trainer: FederatedTrainer) -> dict[str, Any]:
+    def host(self, trainer: RoundLoop) -> dict[str, Any]:
         """Run the round loop (`trainer.fit`) where this executor's clients can be reached; returns its summary.
         Here, in this process; executor=flower runs it inside a Flower ServerApp."""
         return trainer.fit()

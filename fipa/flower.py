@@ -35,7 +35,7 @@ import torch
 
 from fipa.client import ClientUpdate
 from fipa.errors import ConfigError, require
-from fipa.executors import Executor
+from fipa.executors import Executor, RoundLoop
 
 if TYPE_CHECKING:
     from fipa.federated_trainer import FederatedTrainer, RoundPlan
@@ -318,9 +318,15 @@ class FlowerExecutor(Executor):
         self.num_cpus, self.cpus_per_client, self.gpus_per_client = num_cpus, cpus_per_client, gpus_per_client
         self.timeout_s = timeout_s
 
-    def host(self, trainer: FederatedTrainer) -> dict[str, Any]:
+    def host(self, trainer: RoundLoop) -> dict[str, Any]:
         _require_flower()
         from flwr.simulation import run_simulation
+
+        from fipa.federated_trainer import FederatedTrainer
+
+        # Flower drives the round's two halves (begin_round / end_round), so it needs the server loop itself
+        require(isinstance(trainer, FederatedTrainer), "executor=flower hosts a fipa FederatedTrainer")
+        assert isinstance(trainer, FederatedTrainer)  # for mypy
 
         require(self.config is not None, "executor=flower needs the run config (fipa.train.build binds it)")
         assert self.config is not None  # for mypy
