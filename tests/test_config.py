@@ -185,7 +185,8 @@ PHASE_AFTER = {"phase_fedavg": "fedavg", "phase_fedavg_lr01": "fedavg", "phase_f
                "phase_fipa_lastlayer": "fipa_lastlayer", "phase_fedadam": "fedavg", "phase_fednova": "fednova",
                "phase_fedavg_lr01_unequal": "fedavg"}
 VARIANT_AGGREGATORS = {"fedavg": "FedAvg", "fedavg_10x": "FedAvg", "fedavg_tau1000": "FedAvg", "fipa": "FIPA", "fipa_full": "FIPA",
-                       "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA", "fipa_robust": "FIPA"}  # fmt: skip
+                       "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA", "fipa_robust": "FIPA", "fipa_full_tau200": "FIPA",
+                       "fipa_full_tau500": "FIPA", "fipa_tau200": "FIPA"}  # fmt: skip
 
 
 def sweep_jobs(sweep: str) -> tuple[list[list[str]], object]:
@@ -213,7 +214,7 @@ def test_every_job_of_every_sweep_preset_composes(sweep):
         else:  # the image schedule arms: a FedAvg warm-up, then the arm's rule
             assert cfg.schedule.switch_round == 100 and cfg.federation.rounds == 120
             assert cfg.schedule.after == PHASE_AFTER[variant]
-    if "budget" in sweep or "equal_time" in sweep:
+    if compose_config(f"sweep={sweep}", *jobs[0]).federation.time_budget_s:
         assert hydra_node.launcher._target_.endswith("BasicLauncher")  # timed jobs never share the cores
     else:
         assert hydra_node.launcher._target_.endswith("JoblibLauncher")
@@ -234,6 +235,17 @@ def test_the_matrix_gives_fedrcl_its_fedavgm_warm_up_and_each_arm_its_own_server
     for variant, work in [("phase_fednova", (2, 8)), ("phase_fedavg_lr01_unequal", (2, 8)), ("phase_fipa", (5, None))]:
         cfg = compose_config("sweep=matrix", "client=moon", f"variant={variant}", "experiment=fmnist_dirichlet")
         assert (cfg.federation.local_epochs, cfg.federation.local_epochs_max) == work
+
+
+def test_the_2d_regression_sweep_runs_the_papers_arms_at_its_300s_budget():
+    arms = {}
+    for job in sweep_jobs("regression_2d")[0]:
+        cfg = compose_config("sweep=regression_2d", *job)
+        assert cfg.federation.time_budget_s == 300 and cfg.task.grid == 3  # 3 x 3 = 9 clients
+        name = cfg.aggregator._target_.rsplit(".", 1)[-1] + ("" if cfg.aggregator.get("rank", 0) != 20 else " r20")
+        arms[dict(o.split("=") for o in job)["variant"]] = (name, cfg.federation.local_epochs)
+    assert arms == {"fedavg_tau1000": ("FedAvg", 1000), "fipa_full_tau200": ("FIPA", 200),
+                    "fipa_full_tau500": ("FIPA", 500), "fipa": ("FIPA r20", 20), "fipa_tau200": ("FIPA r20", 200)}  # fmt: skip
 
 
 def test_the_pinn_sweeps_use_each_presets_budget_and_the_10x_arm_scales_its_tau():
