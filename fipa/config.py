@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fipa.errors import ConfigError, require
 from fipa.seeding import LOCAL_WORK, numpy_rng
@@ -20,6 +20,9 @@ CONFIG_DIR = next(
     for path in (Path(__file__).parent / "conf", Path(__file__).resolve().parent.parent / "conf")
     if path.is_dir()
 )
+
+# ${add:a,b}: e.g. a branch's federation.rounds = its switch round + the phase (sweep=image_branches)
+OmegaConf.register_new_resolver("add", lambda *values: sum(values), replace=True)
 
 
 @dataclass

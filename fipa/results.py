@@ -34,6 +34,7 @@ RUN_MARKERS = ("metrics.csv", "summary.json", ".hydra/overrides.yaml")
 # how often a run checkpoints (a resumed run ends as the uninterrupted one).
 IGNORED_LEAVES = {"seed", "init_from", "output_dir", "data_dir", "root", "dir", "path", "checkpoint_every"}
 MISSING = "<missing>"
+COMMAND_FILE = "command.txt"  # the command that started the run (fipa.train.run), then one line per resume
 PREDICTION_KEYS = {"x", "target", "prediction", "region_lo", "region_hi"}  # fipa.plotting.save_predictions
 
 
@@ -221,6 +222,14 @@ def load_predictions(run: Run) -> dict[str, Any] | None:
     except (OSError, ValueError, zipfile.BadZipFile):  # half-written: draw the other runs
         return None
     return arrays if PREDICTION_KEYS <= set(arrays) else None
+
+
+def run_command(run: Run) -> str | None:
+    """The command that started the run (the first line of its command.txt), or None for runs made before fipa
+    recorded it."""
+    path = run.dir / COMMAND_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return lines[0] if lines else None
 
 
 # ------------------------------------------------------------------------------------------------ arms

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, host=None) -> dic
     """One federated run. Writes metrics.csv and summary.json into output_dir and returns the summary.
     `host(trainer)` runs the round loop (default: the executor's `host`, e.g. inside Flower for executor=flower)."""
     from fipa.recorders import write_json
+    from fipa.results import COMMAND_FILE
 
     output_dir = Path(output_dir or _hydra_output_dir() or ".")
     checkpoint = None
@@ -123,6 +125,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None, host=None) -> dic
     output_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # what `resume=<this dir>` rebuilds from
+        (output_dir / COMMAND_FILE).write_text(command_line() + "\n")  # the report's "made by"
+    else:
+        with open(output_dir / COMMAND_FILE, "a") as f:
+            f.write(f"# resumed by: {command_line()}\n")
     trainer = build(cfg, output_dir)
     if checkpoint is not None:
         log.info("resuming %s after round %d", output_dir, trainer.resume(checkpoint))
@@ -171,6 +177,13 @@ def summary_line(summary: dict[str, Any]) -> str:
         f"fipa: {summary['status']} rounds={summary['rounds_completed']} {metric}={summary[metric]:.4e} "
         f"elapsed_s={summary['elapsed_s']:.1f} dir={summary['output_dir']}"
     )
+
+
+def command_line() -> str:
+    """This process's command line as one would type it: `fipa-train -m sweep=...`, `python scripts/study.py ...`."""
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*head, *sys.argv[1:]])
 
 
 def _command_line_overrides() -> list[str]:

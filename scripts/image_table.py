@@ -30,6 +30,14 @@ unless the arm names its own server optimizer.
     python scripts/image_table.py --variants fipa --warmups results/image --out results/image_sub128 \
         --override +preset.fipa_curvature_samples=128      # another branch study from the same warm-ups
 
+Branching at several points of one longer warm-up (FIPA_SPEC 5.3 branches at rounds 200, 400, 600 and 800):
+
+    python scripts/image_table.py --branch-at 200 400 600 800 --variants fedavg fedavg_lr01 fipa fipa_lastlayer \
+        --seeds 0 1 2 --checkpoint-every 20 --out results/image_branches     # = fipa-train -m sweep=image_branches
+
+The warm-up then runs to the last branch point and keeps a checkpoint at each; the arm branched at round K lands
+in OUT/<client>/<variant>@K/seed<k>/ and its change is measured from the warm-up's accuracy at round K.
+
 Runs go to WARMUPS/<client>/warmup/seed<k>/ (WARMUPS defaults to OUT) and OUT/<client>/<variant>/seed<k>/; a run whose summary.json says
 "completed" is not repeated, so an interrupted study resumes. Runs are made one at a time, seed by seed, so
 the first seeds' full comparison is available early. Writes OUT/results.csv (one row per branch run),
@@ -42,6 +50,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -93,13 +102,18 @@ def warmup_overrides(args, client: str, seed: int) -> list[str]:
     ]
 
 
-def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path) -> list[str]:
-    switch = [f"schedule.switch_round={args.warmup}"] if VARIANTS[variant] else []
+def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path, at: int) -> list[str]:
+    switch = [f"schedule.switch_round={at}"] if VARIANTS[variant] else []
     return [
         f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, variant), f"client={client}",
-        f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={args.warmup + args.phase}", *switch,
+        f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={at + args.phase}", *switch,
         *VARIANTS[variant], *args.override,
     ]
+
+
+def branch_name(args, variant: str, at: int) -> str:
+    """The branch's directory: the variant, with @K when it branches before the warm-up's end."""
+    return variant if at == args.warmup else f"{variant}@{at}"
 
 
 def run_all(args) -> None:
@@ -115,15 +129,24 @@ def run_all(args) -> None:
         for client in args.clients:
             warmup_dir = args.warmups / client / "warmup" / f"seed{seed}"
             run_once(warmup_overrides(args, client, seed), warmup_dir)
-            checkpoint = warmup_dir / "checkpoints" / f"round_{args.warmup}.pt"
-            for variant in args.variants:
-                run_dir = args.out / client / variant / f"seed{seed}"
-                run_once(branch_overrides(args, client, variant, seed, checkpoint), run_dir)
+            for at in args.branch_at:
+                checkpoint = warmup_dir / "checkpoints" / f"round_{at}.pt"
+                if not checkpoint.is_file():
+                    raise SystemExit(f"image_table: {checkpoint} is missing (a warm-up made with other settings?)")
+                for variant in args.variants:
+                    run_dir = args.out / client / branch_name(args, variant, at) / f"seed{seed}"
+                    run_once(branch_overrides(args, client, variant, seed, checkpoint, at), run_dir)
 
 
 def final_accuracy(run_dir: Path) -> tuple[float, int]:
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary["test_acc"], summary["rounds_completed"]
+
+
+def accuracy_at(run_dir: Path, round_idx: int) -> float:
+    """The run's test accuracy after round `round_idx` (a branch point inside a longer warm-up)."""
+    with open(run_dir / "metrics.csv") as f:
+        return next(float(m["test_acc"]) for m in csv.DictReader(f) if int(m["round"]) == round_idx)
 
 
 def collect(out: Path, warmups: Path) -> list[dict]:
@@ -136,6 +159,9 @@ def collect(out: Path, warmups: Path) -> list[dict]:
             continue
         acc, rounds = final_accuracy(run_dir)
         warmup_acc, warmup_rounds = final_accuracy(warmup_dir)
+        if "@" in variant:  # branched at round K of a longer warm-up
+            warmup_rounds = int(variant.rsplit("@", 1)[1])
+            warmup_acc = accuracy_at(warmup_dir, warmup_rounds)
         last = _accuracies(run_dir)[-LAST:]
         rows.append({
             "client": client,
@@ -163,6 +189,12 @@ def _phase_seconds(run_dir: Path, after_round: int) -> float:
         return sum(float(m["round_s"]) for m in csv.DictReader(f) if int(m["round"]) > after_round)
 
 
+def _variant_order(name: str) -> tuple[float, int]:
+    """By branch point (the warm-up's end last), then in VARIANTS' order."""
+    variant, _, at = name.partition("@")
+    return float(at or math.inf), list(VARIANTS).index(variant)
+
+
 def _mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
@@ -181,7 +213,7 @@ def write_tables(rows: list[dict], out: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for client in [c for c in CLIENTS if any(r["client"] == c for r in rows)]:
-        for variant in [v for v in VARIANTS if any(r["client"] == client and r["variant"] == v for r in rows)]:
+        for variant in sorted({r["variant"] for r in rows if r["client"] == client}, key=_variant_order):
             runs = [r for r in rows if r["client"] == client and r["variant"] == variant]
             lines.append(
                 f"| {client} | {variant} | {_mean_std([r['warmup_test_acc'] for r in runs])} | "
@@ -214,11 +246,12 @@ def plot_curves(rows: list[dict], out: Path) -> None:
             ax.plot(
                 [int(m["round"]) for m in metrics],
                 [100 * float(m["test_acc"]) for m in metrics],
-                color=colors.get(r["variant"], "k"), lw=1, alpha=0.8,
-                label=None if r["variant"] in labelled else r["variant"],
+                color=colors.get(r["variant"].split("@")[0], "k"), lw=1, alpha=0.8,
+                label=None if r["variant"].split("@")[0] in labelled else r["variant"].split("@")[0],
             )
-            labelled.add(r["variant"])
-        ax.axvline(rows[0]["warmup_rounds"] + 0.5, color="gray", ls="--", lw=1)
+            labelled.add(r["variant"].split("@")[0])
+        for switch in sorted({r["warmup_rounds"] for r in rows if r["client"] == client}):
+            ax.axvline(switch + 0.5, color="gray", ls="--", lw=1)
         ax.set_xlabel("round (dashed: switch from the warm-up)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"client={client}")
@@ -272,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--warmup", type=int, default=100, help="FedAvg warm-up rounds (checkpoint at the end)")
     parser.add_argument("--phase", type=int, default=20, help="rounds after the warm-up")
+    parser.add_argument("--branch-at", nargs="+", type=int, default=None, metavar="K",
+                        help="branch at these warm-up rounds (the warm-up runs to the last; default: --warmup)")
     parser.add_argument("--checkpoint-every", type=int, default=None,
-                        help="warm-up checkpoints every K rounds (K must divide --warmup), so a killed warm-up resumes")
+                        help="warm-up checkpoints every K rounds (K must divide --warmup and every --branch-at), so a "
+                             "killed warm-up resumes")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("results/image"))
     parser.add_argument("--warmups", type=Path, default=None, help="where the warm-up runs live (default: --out)")
@@ -281,8 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.warmups = args.warmups or args.out
     args.variants = [v for name in args.variants for v in (MATRIX if name == "matrix" else [name])]
-    if args.checkpoint_every and args.warmup % args.checkpoint_every:
-        parser.error(f"--checkpoint-every {args.checkpoint_every} must divide --warmup {args.warmup}")
+    if args.branch_at:
+        if min(args.branch_at) < 1:
+            parser.error(f"--branch-at rounds must be >= 1, got {args.branch_at}")
+        args.branch_at = sorted(set(args.branch_at))
+        args.warmup = args.branch_at[-1]
+        args.checkpoint_every = args.checkpoint_every or math.gcd(*args.branch_at)
+    args.branch_at = args.branch_at or [args.warmup]
+    for point in [args.warmup, *args.branch_at]:
+        if args.checkpoint_every and point % args.checkpoint_every:
+            parser.error(f"--checkpoint-every {args.checkpoint_every} must divide the warm-up's branch point {point}")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
         run_all(args)

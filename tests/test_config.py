@@ -212,7 +212,8 @@ def test_every_job_of_every_sweep_preset_composes(sweep):
         if variant in VARIANT_AGGREGATORS:
             assert cfg.aggregator._target_.endswith(VARIANT_AGGREGATORS[variant])
         else:  # the image schedule arms: a FedAvg warm-up, then the arm's rule
-            assert cfg.schedule.switch_round == 100 and cfg.federation.rounds == 120
+            assert cfg.federation.rounds == cfg.schedule.switch_round + 20  # 20 rounds of the arm after the switch
+            assert cfg.schedule.switch_round == (int(dict(o.split("=") for o in job).get("schedule.switch_round", 100)))
             assert cfg.schedule.after == PHASE_AFTER[variant]
     if compose_config(f"sweep={sweep}", *jobs[0]).federation.time_budget_s:
         assert hydra_node.launcher._target_.endswith("BasicLauncher")  # timed jobs never share the cores

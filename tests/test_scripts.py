@@ -293,7 +293,7 @@ def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggr
     if variant == "warmup":
         overrides = table.warmup_overrides(args, "plain", 0)
     else:
-        overrides = table.branch_overrides(args, "plain", variant, 0, Path("/nowhere/round_100.pt"))
+        overrides = table.branch_overrides(args, "plain", variant, 0, Path("/nowhere/round_100.pt"), 100)
     cfg = compose(overrides)
     assert cfg.aggregator._target_.endswith("FedAvg")  # bare fipa-train's default is FIPA
     after = {"warmup": None, "fedavg": None, "fedavg_lr01": "fedavg"}.get(variant, variant)
@@ -310,7 +310,7 @@ def test_image_table_gives_fedrcl_a_fedavgm_warm_up_and_plain_steps_after_it(var
         overrides = table.warmup_overrides(args, "fedrcl", 0)
         assert "federation.checkpoint_every=10" in overrides
     else:
-        overrides = table.branch_overrides(args, "fedrcl", variant, 0, Path("/nowhere/round_100.pt"))
+        overrides = table.branch_overrides(args, "fedrcl", variant, 0, Path("/nowhere/round_100.pt"), 100)
     cfg = compose(overrides)
     assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
     assert cfg.server_optimizer._target_.endswith("ServerMomentum")  # the warm-up's, and the fedavg arm's
@@ -347,7 +347,7 @@ def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client
     args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[], checkpoint_every=None)
     sweep = "matrix_fedrcl" if client == "fedrcl" else "matrix"
     for arm in table.MATRIX:
-        script = compose(table.branch_overrides(args, client, arm, 0, Path("/nowhere/round_100.pt")))
+        script = compose(table.branch_overrides(args, client, arm, 0, Path("/nowhere/round_100.pt"), 100))
         preset = compose([f"sweep={sweep}", "experiment=fmnist_dirichlet", f"client={client}", f"variant=phase_{arm}"])
         run_optimizer = {"ServerSGD": "sgd", "ServerMomentum": "momentum"}
         for cfg in (script, preset):  # null: the run's own server optimizer, or the paper's 0.1 lr cut
@@ -361,6 +361,32 @@ def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client
         assert script.federation.local_epochs == preset.federation.local_epochs, arm
         assert script.federation.local_epochs_max == preset.federation.local_epochs_max, arm
         assert script.server_optimizer == preset.server_optimizer, arm
+
+
+def test_image_table_branches_at_several_points_of_one_warm_up(tmp_path):
+    """--branch-at 2 4: one 4-round warm-up with checkpoints at 2 and 4, each arm branched from both; the change is
+    measured from the warm-up's accuracy at the branch point, and each branch starts where the warm-up was."""
+    digits = ["task.dataset=digits", "task.num_clients=10", "federation.clients_per_round=5", "federation.local_epochs=3",
+              "model.image_size=8", "partition.alpha=5", "preset.last_layer=9.*", "torch_threads=1"]  # fmt: skip
+    out = tmp_path / "branches"
+    result = script("image_table.py", "--branch-at", 4, 2, "--phase", 1, "--variants", "fedavg", "fedavg_lr01",
+                    "--out", out, "--override", *digits)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warmup = load_run(out / "plain" / "warmup" / "seed0")
+    assert warmup.summary["rounds_completed"] == 4
+    assert sorted(p.name for p in (warmup.dir / "checkpoints").iterdir()) == ["round_2.pt", "round_4.pt"]
+    assert sorted(p.name for p in (out / "plain").iterdir()) == ["fedavg", "fedavg@2", "fedavg_lr01", "fedavg_lr01@2", "warmup"]
+    accuracy = dict(zip(*series(warmup, "test_acc")))
+    with open(out / "results.csv") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    assert rows["fedavg@2"]["warmup_rounds"] == "2" and rows["fedavg@2"]["rounds"] == "3"
+    assert float(rows["fedavg@2"]["warmup_test_acc"]) == accuracy[2.0]
+    assert float(rows["fedavg"]["warmup_test_acc"]) == accuracy[4.0]
+    assert accuracy[4.0] > accuracy[2.0] > 0.15  # it learns, so the branch points differ
+    # continuing FedAvg from round 2 for one round is the warm-up's round 3; the lr cut is another round
+    assert float(rows["fedavg@2"]["test_acc"]) == accuracy[3.0] != float(rows["fedavg_lr01@2"]["test_acc"])
+    table = (out / "table.md").read_text()
+    assert table.index("| fedavg@2 |") < table.index("| fedavg_lr01@2 |") < table.index("| fedavg |")
 
 
 def test_image_table_draws_the_matrix_figure(tmp_path):

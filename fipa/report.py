@@ -1,0 +1,256 @@
+"""Regenerate a results document from run directories: the document is its own template.
+
+A block of the document such as
+
+    <!-- report:table
+    runs: results/regression_2d
+    rows: experiment
+    columns: variant
+    metric: test_mse
+    stall: 1.0e-2
+    -->
+    (generated: the table, then the commands that made its runs)
+    <!-- /report -->
+
+is rewritten from the completed runs below `runs`; everything outside the blocks (the prose) is kept byte for
+byte. A block whose runs are not on this machine keeps its previous content and is listed as kept, so a document
+can be regenerated section by section as the studies finish (scripts/report.py --strict refuses that).
+
+Block kinds and their options (YAML inside the opening comment):
+- `table`: `runs` (a directory or a list), `metric`, `rows` and optionally `columns` (setting keys, see
+  `setting`), `where` (setting: value or [values], runs to keep), `cell` (`median`: median [min, max];
+  `mean`: mean ± std), `last` (average the metric's last K evaluated rounds instead of its final value), `scale`
+  (e.g. 100 for percent), `format` (a Python format spec; default 3 significant digits), `stall` (count the seeds
+  whose value is above it, or not finite), `rounds` (add the median number of rounds), `labels` (value: shown
+  name), `row_order` / `column_order` (values first in this order, then the rest sorted).
+- `figure`: `runs`, `where`, `plot` (`curves`: the metric against round and against time, a line per run and the
+  arm's median; `fit`: the fitted functions or PINN error maps), `metric`, `out` (the PNG, relative to the
+  document), `caption`.
+Every block ends with the commands that made its runs (`command.txt` of each run directory, written by
+fipa.train.run when the run starts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fipa.errors import ConfigError, require
+from fipa.results import Run, completed_runs, final_value, load_runs, natural_key, run_command, seed_of, series
+
+BLOCK = re.compile(r"<!-- report:(?P<kind>\w+)\n(?P<options>.*?)-->\n(?P<body>.*?)<!-- /report -->", re.S)
+OPTIONS = {
+    "table": {"runs", "metric", "rows", "columns", "where", "cell", "last", "scale", "format", "stall", "rounds",
+              "labels", "row_order", "column_order"},
+    "figure": {"runs", "where", "plot", "metric", "out", "caption"},
+}  # fmt: skip
+
+
+@dataclass
+class BlockOutcome:
+    line: int  # where the block opens in the document
+    kind: str
+    runs: int  # completed runs it was made from; 0: kept as it was
+    note: str  # what was made, or why the block was kept
+
+
+# ------------------------------------------------------------------------------------------------ settings of a run
+def setting(run: Run, key: str, root: Path) -> str | None:
+    """A run's value for `key`, looked up in order: `key=value` in its Hydra overrides or in a component of its
+    path below `root` (scripts/study.py names runs `experiment=...,variant=...,seed=0`); `path[i]`, the i-th
+    component of that path (scripts/image_table.py: `<client>/<variant>/seed<k>`); a dotted key of its config."""
+    parts = run.dir.relative_to(root).parts if run.dir.is_relative_to(root) else run.dir.parts
+    if match := re.fullmatch(r"path\[(-?\d+)\]", key):
+        index = int(match[1])
+        return parts[index] if -len(parts) <= index < len(parts) else None
+    pairs = [o for o in run.overrides or [] if "=" in o] + [p for part in parts for p in part.split(",") if "=" in p]
+    for pair in reversed(pairs):  # the last override wins, as on the command line
+        name, _, value = pair.lstrip("+~").partition("=")
+        if name == key:
+            return value
+    node: Any = run.config
+    for name in key.split("."):
+        if not isinstance(node, dict) or name not in node:
+            return None
+        node = node[name]
+    return str(node)
+
+
+def keep_where(runs: list[Run], where: dict[str, Any], root: Path) -> list[Run]:
+    """The runs whose settings match every `key: value` (or `key: [values]`) of `where`."""
+    wanted = {
+        key: {str(v) for v in (values if isinstance(values, list) else [values])} for key, values in where.items()
+    }
+    return [run for run in runs if all(setting(run, key, root) in values for key, values in wanted.items())]
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def run_value(run: Run, metric: str, last: int | None = None) -> float:
+    """The run's final `metric`, or the mean of its last `last` evaluated rounds (steadier under label skew)."""
+    if not last:
+        return final_value(run, metric)
+    values = [v for v in series(run, metric)[1] if math.isfinite(v)][-last:]
+    return statistics.fmean(values) if values else math.nan
+
+
+def format_number(value: float, spec: str | None = None) -> str:
+    """3 significant digits, in exponent form outside [1e-2, 1e4) (1.7e-4, 0.442, 769); or a format spec."""
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if spec:
+        return format(value, spec)
+    if value != 0 and not 1e-2 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.3g}"
+
+
+def seed_cell(values: Sequence[float], options: dict[str, Any], rounds: Sequence[float] = ()) -> str:
+    """One table cell: median [min, max] (or mean ± std) over the seeds' finite values, the number of seeds, and
+    with `stall` the seeds above it (a seed whose value is not finite has stalled too)."""
+    scale, spec = float(options.get("scale", 1.0)), options.get("format")
+    finite = [scale * v for v in values if math.isfinite(v)]
+    show = lambda v: format_number(v, spec)
+    if not finite:
+        text = "diverged"
+    elif options.get("cell", "median") == "mean":
+        spread = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        text = f"{show(statistics.fmean(finite))} ± {show(spread)}"
+    else:
+        text = f"{show(statistics.median(finite))} [{show(min(finite))}, {show(max(finite))}]"
+    counts = [f"n={len(values)}"]
+    if options.get("stall") is not None:
+        threshold = float(options["stall"])
+        counts.append(f"{sum(1 for v in values if not (math.isfinite(v) and v <= threshold))} stalled")
+    text += f" ({', '.join(counts)})"
+    if options.get("rounds") and rounds:
+        text += f"; {statistics.median(rounds):g} rounds"
+    return text
+
+
+def ordered(values: set[str], first: Sequence[Any] | None) -> list[str]:
+    head = [str(v) for v in first or [] if str(v) in values]
+    return head + sorted(values - set(head), key=lambda v: natural_key(Path(v)))
+
+
+def table_markdown(runs: list[Run], options: dict[str, Any], root: Path) -> str:
+    """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
+    rows_key, columns_key, metric = options["rows"], options.get("columns"), options["metric"]
+    labels = {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        row, column = setting(run, rows_key, root), setting(run, columns_key, root) if columns_key else metric
+        require(row is not None, f"{run.dir} has no setting {rows_key!r} (rows)")
+        require(column is not None, f"{run.dir} has no setting {columns_key!r} (columns)")
+        cells.setdefault((str(row), str(column)), []).append(run)
+    row_values = ordered({r for r, _ in cells}, options.get("row_order"))
+    column_values = ordered({c for _, c in cells}, options.get("column_order"))
+
+    def name(value: str) -> str:
+        return labels.get(value, value)
+
+    lines = [
+        f"| {name(rows_key)} | " + " | ".join(map(name, column_values)) + " |",
+        "|---|" + "---|" * len(column_values),
+    ]
+    for row in row_values:
+        texts = []
+        for column in column_values:
+            arm = sorted(cells.get((row, column), []), key=lambda r: (seed_of(r) is None, seed_of(r) or 0))
+            values = [run_value(r, metric, options.get("last")) for r in arm]
+            rounds = [float((r.summary or {}).get("rounds_completed", len(r.metrics))) for r in arm]
+            texts.append(seed_cell(values, options, rounds) if arm else "–")
+        lines.append(f"| {name(row)} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def commands_markdown(runs: list[Run]) -> str:
+    commands = sorted({c for c in map(run_command, runs) if c})
+    unrecorded = sum(1 for r in runs if run_command(r) is None)
+    text = "```bash\n" + "".join(f"{c}\n" for c in commands) + "```\n" if commands else ""
+    if unrecorded:
+        text += f"({unrecorded} of the {len(runs)} runs did not record their command.)\n"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ the document
+def parse_options(kind: str, text: str, line: int) -> dict[str, Any]:
+    require(kind in OPTIONS, f"line {line}: unknown report block {kind!r}; known: {', '.join(OPTIONS)}")
+    try:
+        options = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"line {line}: report:{kind} options are not YAML: {error}") from error
+    require(isinstance(options, dict), f"line {line}: report:{kind} options must be `key: value` lines")
+    unknown = sorted(set(options) - OPTIONS[kind])
+    require(not unknown, f"line {line}: report:{kind} has unknown options {unknown}; known: {sorted(OPTIONS[kind])}")
+    required = {"table": ("runs", "metric", "rows"), "figure": ("runs", "plot", "out")}[kind]
+    missing = [name for name in required if name not in options]
+    require(not missing, f"line {line}: report:{kind} needs {', '.join(missing)}")
+    if kind == "figure":
+        require(options["plot"] in ("curves", "fit"), f"line {line}: plot must be curves or fit")
+        require(options["plot"] == "fit" or "metric" in options, f"line {line}: plot: curves needs a metric")
+    return options
+
+
+def block_runs(options: dict[str, Any], root: Path) -> list[Run]:
+    directories = options["runs"] if isinstance(options["runs"], list) else [options["runs"]]
+    runs = [run for directory in directories if (root / directory).is_dir() for run in load_runs(root / directory)]
+    done, _ = completed_runs(runs)
+    return keep_where(done, options.get("where") or {}, root)
+
+
+def render_block(kind: str, options: dict[str, Any], runs: list[Run], root: Path, document_dir: Path) -> str:
+    if kind == "table":
+        return table_markdown(runs, options, root) + "\n" + commands_markdown(runs)
+    from fipa.plotting import plot_learning_curves, plot_prediction_panels
+
+    path = document_dir / options["out"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if options["plot"] == "curves":
+        plot_learning_curves(runs, options["metric"], path)
+    else:
+        require(plot_prediction_panels(runs, path) > 0, f"plot: fit found no predictions.npz under {options['runs']}")
+    return f"![{options.get('caption', '')}]({options['out']})\n\n" + commands_markdown(runs)
+
+
+def regenerate(
+    text: str,
+    root: Path,
+    document_dir: Path,
+    progress: Callable[[BlockOutcome], None] | None = None,
+    only: str | None = None,
+) -> tuple[str, list[BlockOutcome]]:
+    """The document with every block whose runs exist rewritten from them, and what happened to each block.
+    `only`: rewrite just the blocks whose `runs` contain this text (the study that just finished)."""
+    outcomes: list[BlockOutcome] = []
+
+    def replace(match: re.Match) -> str:
+        line = text.count("\n", 0, match.start()) + 1
+        kind = match["kind"]
+        options = parse_options(kind, match["options"], line)
+        selected = only is None or only in str(options["runs"])
+        runs = block_runs(options, root) if selected else []
+        if not selected:
+            outcome = BlockOutcome(line, kind, 0, f"kept: {options['runs']} not selected by only={only}")
+            body = match["body"]
+        elif not runs:
+            outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
+            body = match["body"]
+        else:
+            body = render_block(kind, options, runs, root, document_dir)
+            outcome = BlockOutcome(line, kind, len(runs), f"{kind} from {len(runs)} runs")
+        outcomes.append(outcome)
+        if progress:
+            progress(outcome)
+        opening = match.group(0)[: match.start("body") - match.start()]
+        return f"{opening}{body}<!-- /report -->"
+
+    return BLOCK.sub(replace, text), outcomes

@@ -1,0 +1,201 @@
+"""The report generator: a document's report blocks rebuilt from tiny real runs, numbers checked against the runs'
+own summaries and metrics; prose kept byte for byte; blocks without runs kept; bad blocks named by line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, compose_config
+from fipa.errors import ConfigError
+from fipa.report import format_number, regenerate, setting
+from fipa.results import load_run, run_command
+from fipa.train import command_line, run
+
+REPO = Path(__file__).resolve().parent.parent
+SEEDS = (0, 1, 2)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """results/tiny/aggregator=<a>,seed=<s>/: the layout scripts/study.py writes, three seeds of two arms."""
+    root = tmp_path_factory.mktemp("report")
+    for aggregator in ("fedavg", "fipa"):
+        for seed in SEEDS:
+            directory = root / "results" / "tiny" / f"aggregator={aggregator},seed={seed}"
+            run(compose_config(*TINY, f"aggregator={aggregator}", f"seed={seed}"), directory)
+    return root
+
+
+def summary(study: Path, aggregator: str, seed: int) -> dict:
+    return json.loads((study / "results" / "tiny" / f"aggregator={aggregator},seed={seed}" / "summary.json").read_text())
+
+
+def last_mean(study: Path, aggregator: str, seed: int, metric: str, k: int) -> float:
+    path = study / "results" / "tiny" / f"aggregator={aggregator},seed={seed}" / "metrics.csv"
+    with open(path) as f:
+        values = [float(row[metric]) for row in csv.DictReader(f) if row[metric]]
+    return statistics.fmean(values[-k:])
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """The generated table's cells by row label."""
+    rows = [line.strip("|").split(" | ") for line in report.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+TEMPLATE = """# Results
+
+Prose before, kept *as is*.
+
+<!-- report:table
+runs: results/tiny
+rows: aggregator
+metric: test_mse
+stall: {stall}
+rounds: true
+-->
+(old table)
+<!-- /report -->
+
+Prose between.
+
+<!-- report:figure
+runs: results/tiny
+where: {{aggregator: fipa}}
+plot: curves
+metric: test_mse
+out: figures/tiny.png
+caption: tiny curves
+-->
+<!-- /report -->
+The end.
+"""
+
+
+def test_table_cells_are_median_min_max_over_seeds_of_the_runs_summaries(study):
+    finals = {a: [summary(study, a, s)["test_mse"] for s in SEEDS] for a in ("fedavg", "fipa")}
+    stall = statistics.median(finals["fedavg"])  # the fedavg seeds above their median count as stalled
+    template = TEMPLATE.format(stall=stall)
+    report, outcomes = regenerate(template, study, study / "docs")
+    assert [(o.kind, o.runs) for o in outcomes] == [("table", 6), ("figure", 3)]
+    rows = table_rows(report)
+    for aggregator, values in finals.items():
+        stalled = sum(v > stall for v in values)
+        expected = (
+            f"{format_number(statistics.median(values))} [{format_number(min(values))}, {format_number(max(values))}]"
+            f" (n=3, {stalled} stalled); 3 rounds"
+        )
+        assert rows[aggregator] == [expected]
+    assert rows["fedavg"][0].endswith("(n=3, 1 stalled); 3 rounds")
+    # the prose outside the blocks is untouched, and a second pass changes nothing
+    assert report.startswith("# Results\n\nProse before, kept *as is*.\n\n<!-- report:table\n")
+    assert "-->\n<!-- /report -->\n\nProse between." not in report and "(old table)" not in report
+    assert "\n<!-- /report -->\n\nProse between.\n\n<!-- report:figure\n" in report
+    assert report.endswith("<!-- /report -->\nThe end.\n")
+    assert regenerate(report, study, study / "docs")[0] == report
+    # the figure: a PNG beside the document, and the commands that made the runs
+    assert (study / "docs" / "figures" / "tiny.png").read_bytes()[:8] == PNG_MAGIC
+    assert "![tiny curves](figures/tiny.png)" in report
+    assert f"```bash\n{command_line()}\n```" in report
+
+
+def test_mean_of_the_last_rounds_scaled_and_formatted(study):
+    block = """<!-- report:table
+runs: results/tiny
+rows: aggregator
+metric: test_mse
+cell: mean
+last: 2
+scale: 100
+format: ".4f"
+row_order: [fipa]
+labels: {fipa: FIPA, aggregator: rule}
+-->
+<!-- /report -->
+"""
+    report, _ = regenerate(block, study, study)
+    rows = table_rows(report)
+    assert list(rows) == ["FIPA", "fedavg"]  # row_order first, then sorted; labels rename rows and the header
+    assert "\n| rule | test_mse |\n" in report
+    for aggregator, label in (("fipa", "FIPA"), ("fedavg", "fedavg")):
+        values = [100 * last_mean(study, aggregator, s, "test_mse", 2) for s in SEEDS]
+        assert rows[label] == [f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n=3)"]
+
+
+def test_settings_come_from_path_pairs_path_components_and_the_config(study):
+    run_dir = study / "results" / "tiny" / "aggregator=fipa,seed=1"
+    loaded = load_run(run_dir)
+    assert setting(loaded, "aggregator", study) == "fipa"
+    assert setting(loaded, "seed", study) == "1"
+    assert setting(loaded, "path[1]", study) == "tiny"
+    assert setting(loaded, "federation.rounds", study) == "3"
+    assert setting(loaded, "no.such.key", study) is None
+    assert run_command(loaded) == command_line()
+
+
+def test_command_line_reads_as_typed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fipa-train", "-m", "sweep=regression"])
+    assert command_line() == "fipa-train -m sweep=regression"
+    monkeypatch.setattr(sys, "argv", ["scripts/study.py", "regression", "--out", "my results"])
+    assert command_line() == "python scripts/study.py regression --out 'my results'"
+
+
+def test_a_resumed_run_keeps_its_first_command(tiny_config, tmp_path):
+    directory = tmp_path / "run"
+    run(tiny_config("federation.checkpoint_every=1", "federation.rounds=2"), directory)
+    first = (directory / "command.txt").read_text()
+    run(compose_config(f"resume={directory}"), None)
+    lines = (directory / "command.txt").read_text().splitlines()
+    assert lines[0] == first.strip() and lines[1].startswith("# resumed by: ")
+
+
+def test_blocks_without_runs_are_kept_and_bad_blocks_name_their_line(study, tmp_path):
+    template = TEMPLATE.format(stall=1).replace("results/tiny", "results/not_run_yet")
+    report, outcomes = regenerate(template, study, tmp_path)
+    assert report == template and [o.runs for o in outcomes] == [0, 0]
+    # with only=..., the blocks of other studies keep their content even where their runs exist
+    present = TEMPLATE.format(stall=1)
+    assert regenerate(present, study, tmp_path, only="results/other")[0] == present
+    assert "(old table)" not in regenerate(present, study, tmp_path, only="results/tiny")[0]
+    with pytest.raises(ConfigError, match="line 3: report:table has unknown options \\['colums'\\]"):
+        regenerate("x\n\n<!-- report:table\nruns: a\nmetric: m\nrows: r\ncolums: c\n-->\n<!-- /report -->\n", study, study)
+    with pytest.raises(ConfigError, match="line 1: unknown report block 'tabel'"):
+        regenerate("<!-- report:tabel\nruns: a\n-->\n<!-- /report -->\n", study, study)
+    with pytest.raises(ConfigError, match="report:figure needs plot, out"):
+        regenerate("<!-- report:figure\nruns: a\n-->\n<!-- /report -->\n", study, study)
+
+
+def script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "report.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_command_line_writes_checks_and_refuses_missing_runs_with_strict(study, tmp_path):
+    document = study / "docs" / "results.md"
+    document.parent.mkdir(exist_ok=True)
+    document.write_text(TEMPLATE.format(stall=1))
+    assert script("docs/results.md", "--check", cwd=study).returncode == 1  # the old table would change
+    made = script("docs/results.md", "--strict", cwd=study)
+    assert made.returncode == 0, made.stderr
+    assert "2 of 2 blocks made from runs, 0 kept" in made.stderr and "(old table)" not in document.read_text()
+    assert script("docs/results.md", "--check", cwd=study).returncode == 0  # up to date now
+    elsewhere = script(str(document), "--strict", "--root", str(tmp_path), "--out", str(tmp_path / "r.md"), cwd=tmp_path)
+    assert elsewhere.returncode == 1 and "0 of 2 blocks made from runs, 2 kept" in elsewhere.stderr
+    bad = script(str(tmp_path / "missing.md"), cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a file" in bad.stderr
+
+
+def test_the_results_documents_blocks_parse_and_are_kept_without_their_runs(tmp_path):
+    document = (REPO / "docs" / "results.md").read_text()
+    report, outcomes = regenerate(document, tmp_path, tmp_path)
+    assert report == document
+    assert len(outcomes) >= 6 and all(o.runs == 0 for o in outcomes)
