@@ -62,11 +62,13 @@ class BlockOutcome:
 
 
 # ------------------------------------------------------------------------------------------------ settings of a run
-def setting(run: Run, key: str, root: Path) -> str | None:
+def setting(run: Run, key: str, bases: Sequence[Path]) -> str | None:
     """A run's value for `key`, looked up in order: `key=value` in its Hydra overrides or in a component of its
-    path below `root` (scripts/study.py names runs `experiment=...,variant=...,seed=0`); `path[i]`, the i-th
-    component of that path (scripts/image_table.py: `<client>/<variant>/seed<k>`); a dotted key of its config."""
-    parts = run.dir.relative_to(root).parts if run.dir.is_relative_to(root) else run.dir.parts
+    path below its study directory (the first of `bases` that holds it; scripts/study.py names runs
+    `experiment=...,variant=...,seed=0`); `path[i]`, the i-th component of that path (scripts/image_table.py:
+    `<client>/<variant>/seed<k>`); a dotted key of its config."""
+    base = next((b for b in bases if run.dir.is_relative_to(b)), None)
+    parts = run.dir.relative_to(base).parts if base else run.dir.parts
     if match := re.fullmatch(r"path\[(-?\d+)\]", key):
         index = int(match[1])
         return parts[index] if -len(parts) <= index < len(parts) else None
@@ -83,12 +85,12 @@ def setting(run: Run, key: str, root: Path) -> str | None:
     return str(node)
 
 
-def keep_where(runs: list[Run], where: dict[str, Any], root: Path) -> list[Run]:
+def keep_where(runs: list[Run], where: dict[str, Any], bases: Sequence[Path]) -> list[Run]:
     """The runs whose settings match every `key: value` (or `key: [values]`) of `where`."""
     wanted = {
         key: {str(v) for v in (values if isinstance(values, list) else [values])} for key, values in where.items()
     }
-    return [run for run in runs if all(setting(run, key, root) in values for key, values in wanted.items())]
+    return [run for run in runs if all(setting(run, key, bases) in values for key, values in wanted.items())]
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -140,13 +142,13 @@ def ordered(values: set[str], first: Sequence[Any] | None) -> list[str]:
     return head + sorted(values - set(head), key=lambda v: natural_key(Path(v)))
 
 
-def table_markdown(runs: list[Run], options: dict[str, Any], root: Path) -> str:
+def table_markdown(runs: list[Run], options: dict[str, Any], bases: Sequence[Path]) -> str:
     """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
     rows_key, columns_key, metric = options["rows"], options.get("columns"), options["metric"]
     labels = {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
     cells: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        row, column = setting(run, rows_key, root), setting(run, columns_key, root) if columns_key else metric
+        row, column = setting(run, rows_key, bases), setting(run, columns_key, bases) if columns_key else metric
         require(row is not None, f"{run.dir} has no setting {rows_key!r} (rows)")
         require(column is not None, f"{run.dir} has no setting {columns_key!r} (columns)")
         cells.setdefault((str(row), str(column)), []).append(run)
@@ -200,16 +202,21 @@ def parse_options(kind: str, text: str, line: int) -> dict[str, Any]:
     return options
 
 
+def study_dirs(options: dict[str, Any], root: Path) -> list[Path]:
+    """The block's `runs:` directories below `root`."""
+    return [root / d for d in (options["runs"] if isinstance(options["runs"], list) else [options["runs"]])]
+
+
 def block_runs(options: dict[str, Any], root: Path) -> list[Run]:
-    directories = options["runs"] if isinstance(options["runs"], list) else [options["runs"]]
-    runs = [run for directory in directories if (root / directory).is_dir() for run in load_runs(root / directory)]
+    bases = study_dirs(options, root)
+    runs = [run for base in bases if base.is_dir() for run in load_runs(base)]
     done, _ = completed_runs(runs)
-    return keep_where(done, options.get("where") or {}, root)
+    return keep_where(done, options.get("where") or {}, bases)
 
 
 def render_block(kind: str, options: dict[str, Any], runs: list[Run], root: Path, document_dir: Path) -> str:
     if kind == "table":
-        return table_markdown(runs, options, root) + "\n" + commands_markdown(runs)
+        return table_markdown(runs, options, study_dirs(options, root)) + "\n" + commands_markdown(runs)
     from fipa.plotting import plot_learning_curves, plot_prediction_panels
 
     path = document_dir / options["out"]

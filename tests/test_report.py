@@ -133,11 +133,14 @@ labels: {fipa: FIPA, aggregator: rule}
 def test_settings_come_from_path_pairs_path_components_and_the_config(study):
     run_dir = study / "results" / "tiny" / "aggregator=fipa,seed=1"
     loaded = load_run(run_dir)
-    assert setting(loaded, "aggregator", study) == "fipa"
-    assert setting(loaded, "seed", study) == "1"
-    assert setting(loaded, "path[1]", study) == "tiny"
-    assert setting(loaded, "federation.rounds", study) == "3"
-    assert setting(loaded, "no.such.key", study) is None
+    bases = [study / "results" / "other", study / "results"]  # paths count from the first study dir that holds it
+    assert setting(loaded, "aggregator", bases) == "fipa"
+    assert setting(loaded, "seed", bases) == "1"
+    assert setting(loaded, "path[0]", bases) == "tiny"
+    assert setting(loaded, "path[-1]", bases) == "aggregator=fipa,seed=1"
+    assert setting(loaded, "path[2]", bases) is None
+    assert setting(loaded, "federation.rounds", bases) == "3"
+    assert setting(loaded, "no.such.key", bases) is None
     assert run_command(loaded) == command_line()
 
 
