@@ -43,7 +43,17 @@ from typing import Any
 import yaml
 
 from fipa.errors import ConfigError, require
-from fipa.results import Run, completed_runs, final_value, load_runs, natural_key, run_command, seed_of, series
+from fipa.results import (
+    Run,
+    completed_runs,
+    final_value,
+    load_runs,
+    natural_key,
+    run_command,
+    seed_of,
+    seed_stats,
+    series,
+)
 
 BLOCK = re.compile(r"<!-- report:(?P<kind>\w+)\n(?P<options>.*?)-->\n(?P<body>.*?)<!-- /report -->", re.S)
 OPTIONS = {
@@ -115,19 +125,23 @@ def format_number(value: float, spec: str | None = None) -> str:
 
 
 def seed_cell(values: Sequence[float], options: dict[str, Any], rounds: Sequence[float] = ()) -> str:
-    """One table cell: median [min, max] (or mean ± std) over the seeds' finite values, the number of seeds, and
-    with `stall` the seeds above it (a seed whose value is not finite has stalled too)."""
+    """One table cell: median [min, max] (or mean ± std) over the seeds' finite values, the number of seeds, the
+    seeds that diverged (not finite), and with `stall` the seeds above it or not finite."""
     scale, spec = float(options.get("scale", 1.0)), options.get("format")
-    finite = [scale * v for v in values if math.isfinite(v)]
-    show = lambda v: format_number(v, spec)
-    if not finite:
+    stats = seed_stats([scale * v for v in values])
+
+    def show(value: float) -> str:
+        return format_number(value, spec)
+
+    if not stats["n"]:
         text = "diverged"
     elif options.get("cell", "median") == "mean":
-        spread = statistics.stdev(finite) if len(finite) > 1 else 0.0
-        text = f"{show(statistics.fmean(finite))} ± {show(spread)}"
+        text = f"{show(stats['mean'])} ± {show(stats['std'])}"
     else:
-        text = f"{show(statistics.median(finite))} [{show(min(finite))}, {show(max(finite))}]"
+        text = f"{show(stats['median'])} [{show(stats['min'])}, {show(stats['max'])}]"
     counts = [f"n={len(values)}"]
+    if len(values) > stats["n"]:
+        counts.append(f"{len(values) - stats['n']} diverged")
     if options.get("stall") is not None:
         threshold = float(options["stall"])
         counts.append(f"{sum(1 for v in values if not (math.isfinite(v) and v <= threshold))} stalled")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY, compose_config
 from fipa.errors import ConfigError
-from fipa.report import format_number, regenerate, setting
+from fipa.report import format_number, regenerate, seed_cell, setting
 from fipa.results import load_run, run_command
 from fipa.train import command_line, run
 
@@ -128,6 +128,14 @@ labels: {fipa: FIPA, aggregator: rule}
     for aggregator, label in (("fipa", "FIPA"), ("fedavg", "fedavg")):
         values = [100 * last_mean(study, aggregator, s, "test_mse", 2) for s in SEEDS]
         assert rows[label] == [f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n=3)"]
+
+
+def test_a_cell_counts_diverged_and_stalled_seeds():
+    options = {"stall": 0.1}
+    cell = seed_cell([0.05, float("nan"), 0.2, 0.01], options, rounds=[10, 4, 8, 12])
+    assert cell == "0.05 [0.01, 0.2] (n=4, 1 diverged, 2 stalled)"
+    assert seed_cell([float("inf")], {"rounds": True}, rounds=[3]) == "diverged (n=1, 1 diverged); 3 rounds"
+    assert seed_cell([0.5, 0.7], {"cell": "mean", "scale": 100, "format": ".1f"}) == "60.0 ± 14.1 (n=2)"
 
 
 def test_settings_come_from_path_pairs_path_components_and_the_config(study):
