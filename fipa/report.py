@@ -250,14 +250,15 @@ def regenerate(
     only: str | None = None,
 ) -> tuple[str, list[BlockOutcome]]:
     """The document with every block whose runs exist rewritten from them, and what happened to each block.
-    `only`: rewrite just the blocks whose `runs` contain this text (the study that just finished)."""
+    `only`: rewrite just the blocks whose `runs` name this directory (the study that just finished)."""
     outcomes: list[BlockOutcome] = []
 
     def replace(match: re.Match) -> str:
         line = text.count("\n", 0, match.start()) + 1
         kind = match["kind"]
         options = parse_options(kind, match["options"], line)
-        selected = only is None or only in str(options["runs"])
+        named = options["runs"] if isinstance(options["runs"], list) else [options["runs"]]
+        selected = only is None or Path(only) in map(Path, named)
         runs = block_runs(options, root) if selected else []
         if not selected:
             outcome = BlockOutcome(line, kind, 0, f"kept: {options['runs']} not selected by only={only}")

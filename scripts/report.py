@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("document", type=Path, help="the template: a markdown file with report blocks")
     parser.add_argument("--out", type=Path, default=None, help="where the report goes (default: in place)")
     parser.add_argument("--root", type=Path, default=Path("."), help="the blocks' runs: paths are relative to it")
-    parser.add_argument("--only", default=None, metavar="TEXT",
-                        help="rewrite only the blocks whose runs: contain TEXT (keep the others as they are)")
+    parser.add_argument("--only", default=None, metavar="DIR",
+                        help="rewrite only the blocks whose runs: name DIR (keep the others as they are)")
     parser.add_argument("--strict", action="store_true", help="fail when a block's runs are missing")
     parser.add_argument("--check", action="store_true", help="write nothing; fail if the document would change")
     args = parser.parse_args(argv)

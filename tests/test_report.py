@@ -175,7 +175,8 @@ def test_blocks_without_runs_are_kept_and_bad_blocks_name_their_line(study, tmp_
     # with only=..., the blocks of other studies keep their content even where their runs exist
     present = TEMPLATE.format(stall=1)
     assert regenerate(present, study, tmp_path, only="results/other")[0] == present
-    assert "(old table)" not in regenerate(present, study, tmp_path, only="results/tiny")[0]
+    assert regenerate(present, study, tmp_path, only="results/ti")[0] == present  # a directory, not a prefix
+    assert "(old table)" not in regenerate(present, study, tmp_path, only="results/tiny/")[0]
     with pytest.raises(ConfigError, match="line 3: report:table has unknown options \\['colums'\\]"):
         regenerate("x\n\n<!-- report:table\nruns: a\nmetric: m\nrows: r\ncolums: c\n-->\n<!-- /report -->\n", study, study)
     with pytest.raises(ConfigError, match="line 1: unknown report block 'tabel'"):
