@@ -216,9 +216,15 @@ def parse_options(kind: str, text: str, line: int) -> dict[str, Any]:
     return options
 
 
+def named_runs(options: dict[str, Any]) -> list[str]:
+    """The block's `runs:` option (one directory or a list), as a list."""
+    runs = options["runs"]
+    return [str(d) for d in runs] if isinstance(runs, list) else [str(runs)]
+
+
 def study_dirs(options: dict[str, Any], root: Path) -> list[Path]:
     """The block's `runs:` directories below `root`."""
-    return [root / d for d in (options["runs"] if isinstance(options["runs"], list) else [options["runs"]])]
+    return [root / d for d in named_runs(options)]
 
 
 def block_runs(options: dict[str, Any], root: Path) -> list[Run]:
@@ -257,8 +263,7 @@ def regenerate(
         line = text.count("\n", 0, match.start()) + 1
         kind = match["kind"]
         options = parse_options(kind, match["options"], line)
-        named = options["runs"] if isinstance(options["runs"], list) else [options["runs"]]
-        selected = only is None or Path(only) in map(Path, named)
+        selected = only is None or Path(only) in map(Path, named_runs(options))
         runs = block_runs(options, root) if selected else []
         if not selected:
             outcome = BlockOutcome(line, kind, 0, f"kept: {options['runs']} not selected by only={only}")
