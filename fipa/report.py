@@ -16,6 +16,11 @@ is rewritten from the completed runs below `runs`; everything outside the blocks
 byte. A block whose runs are not on this machine keeps its previous content and is listed as kept, so a document
 can be regenerated section by section as the studies finish (scripts/report.py --strict refuses that).
 
+A table also records, inside the block (`<!-- report:runs -->`, one JSON line per run), each run's seed, settings,
+value, rounds and command. The next generation tabulates those records together with the runs on its machine (a
+run on disk replaces its record), so a study spread over sessions or machines adds up to one table, and a table
+whose run directories are gone regenerates to itself.
+
 Block kinds and their options (YAML inside the opening comment):
 - `table`: `runs` (a directory or a list), `metric`, `rows` and optionally `columns` (setting keys, see
   `setting`), `where` (setting: value or [values], runs to keep), `cell` (`median`: median [min, max];
@@ -32,11 +37,12 @@ fipa.train.run when the run starts).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,7 @@ from fipa.results import (
 )
 
 BLOCK = re.compile(r"<!-- report:(?P<kind>\w+)\n(?P<options>.*?)-->\n(?P<body>.*?)<!-- /report -->", re.S)
+RECORDS = re.compile(r"<!-- report:runs\n(.*?)-->\n", re.S)
 OPTIONS = {
     "table": {"runs", "metric", "rows", "columns", "where", "cell", "last", "scale", "format", "stall", "rounds",
               "labels", "row_order", "column_order"},
@@ -156,16 +163,83 @@ def ordered(values: set[str], first: Sequence[Any] | None) -> list[str]:
     return head + sorted(values - set(head), key=lambda v: natural_key(Path(v)))
 
 
-def table_markdown(runs: list[Run], options: dict[str, Any], bases: Sequence[Path]) -> str:
+@dataclass
+class RunRecord:
+    """What a table needs of one run, kept in the document (`<!-- report:runs -->`) so that a table outlives its
+    run directories: a study split over machines or sessions is tabulated from every run it ever recorded."""
+
+    run: str  # the run directory, relative to the report's root: the key a run on disk replaces its record by
+    seed: int | None
+    settings: dict[str, str]  # the block's rows, columns and where keys
+    values: dict[str, float]  # `metric` (final) or `metric@lastK`
+    rounds: float
+    command: str | None
+
+    def to_json(self) -> str:
+        # a command may hold "-->", which would end the HTML comment early
+        return json.dumps(asdict(self), sort_keys=True).replace("-->", "--\\u003e")
+
+
+def value_key(options: dict[str, Any]) -> str:
+    return f"{options['metric']}@last{options['last']}" if options.get("last") else str(options["metric"])
+
+
+def setting_keys(options: dict[str, Any]) -> list[str]:
+    keys = [options["rows"], options.get("columns"), *(options.get("where") or {})]
+    return list(dict.fromkeys(str(k) for k in keys if k))
+
+
+def record_run(run: Run, options: dict[str, Any], root: Path, bases: Sequence[Path]) -> RunRecord:
+    """The record of a run on this machine, for the table of the block with these options."""
+    return RunRecord(
+        run=run.dir.relative_to(root).as_posix() if run.dir.is_relative_to(root) else run.dir.as_posix(),
+        seed=seed_of(run),
+        settings={k: v for k in setting_keys(options) if (v := setting(run, k, bases)) is not None},
+        values={value_key(options): run_value(run, options["metric"], options.get("last"))},
+        rounds=float((run.summary or {}).get("rounds_completed", len(run.metrics))),
+        command=run_command(run),
+    )
+
+
+def read_records(body: str, line: int) -> list[RunRecord]:
+    """The records a block kept from its previous generation (none for a hand-made or never-generated block)."""
+    match = RECORDS.search(body)
+    try:
+        return [RunRecord(**json.loads(text)) for text in match[1].splitlines() if text.strip()] if match else []
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"line {line}: a report:runs record cannot be read: {error}") from error
+
+
+def merge_records(kept: list[RunRecord], present: list[RunRecord]) -> list[RunRecord]:
+    """The kept records, each replaced by its run's fresh record where the run is on this machine, plus new runs."""
+    merged = {r.run: r for r in kept} | {r.run: r for r in present}
+    return [merged[key] for key in sorted(merged, key=lambda k: natural_key(Path(k)))]
+
+
+def records_markdown(records: list[RunRecord]) -> str:
+    return "<!-- report:runs\n" + "".join(r.to_json() + "\n" for r in records) + "-->\n"
+
+
+def table_markdown(records: list[RunRecord], options: dict[str, Any], line: int) -> str:
     """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
     rows_key, columns_key, metric = options["rows"], options.get("columns"), options["metric"]
     labels = {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
-    cells: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
-        row, column = setting(run, rows_key, bases), setting(run, columns_key, bases) if columns_key else metric
-        require(row is not None, f"{run.dir} has no setting {rows_key!r} (rows)")
-        require(column is not None, f"{run.dir} has no setting {columns_key!r} (columns)")
-        cells.setdefault((str(row), str(column)), []).append(run)
+    where = {
+        str(key): {str(v) for v in (values if isinstance(values, list) else [values])}
+        for key, values in (options.get("where") or {}).items()
+    }
+    cells: dict[tuple[str, str], list[RunRecord]] = {}
+    for record in records:
+        missing = [k for k in [*setting_keys(options), value_key(options)] if k not in record.settings | record.values]
+        require(
+            not missing,
+            f"line {line}: {record.run} has no {', '.join(missing)}: its directory must be here to tabulate a "
+            f"setting or metric that its record lacks",
+        )
+        if not all(record.settings[key] in values for key, values in where.items()):
+            continue
+        row, column = record.settings[rows_key], record.settings[columns_key] if columns_key else metric
+        cells.setdefault((row, column), []).append(record)
     row_values = ordered({r for r, _ in cells}, options.get("row_order"))
     column_values = ordered({c for _, c in cells}, options.get("column_order"))
 
@@ -179,18 +253,19 @@ def table_markdown(runs: list[Run], options: dict[str, Any], bases: Sequence[Pat
     for row in row_values:
         texts = []
         for column in column_values:
-            arm = sorted(cells.get((row, column), []), key=lambda r: (seed_of(r) is None, seed_of(r) or 0))
-            values = [run_value(r, metric, options.get("last")) for r in arm]
-            rounds = [float((r.summary or {}).get("rounds_completed", len(r.metrics))) for r in arm]
-            texts.append(seed_cell(values, options, rounds) if arm else "–")
+            arm = sorted(cells.get((row, column), []), key=lambda r: (r.seed is None, r.seed or 0))
+            values = [r.values[value_key(options)] for r in arm]
+            texts.append(seed_cell(values, options, [r.rounds for r in arm]) if arm else "–")
         lines.append(f"| {name(row)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ commands
-def commands_markdown(runs: list[Run]) -> str:
-    commands = sorted({c for c in map(run_command, runs) if c})
-    unrecorded = sum(1 for r in runs if run_command(r) is None)
+def commands_markdown(commands_of_runs: Sequence[str | None]) -> str:
+    """The distinct commands that made the runs, and how many runs recorded none."""
+    runs = list(commands_of_runs)
+    commands = sorted({c for c in runs if c})
+    unrecorded = sum(1 for c in runs if c is None)
     text = "```bash\n" + "".join(f"{c}\n" for c in commands) + "```\n" if commands else ""
     if unrecorded:
         text += f"({unrecorded} of the {len(runs)} runs did not record their command.)\n"
@@ -234,9 +309,16 @@ def block_runs(options: dict[str, Any], root: Path) -> list[Run]:
     return keep_where(done, options.get("where") or {}, bases)
 
 
-def render_block(kind: str, options: dict[str, Any], runs: list[Run], root: Path, document_dir: Path) -> str:
-    if kind == "table":
-        return table_markdown(runs, options, study_dirs(options, root)) + "\n" + commands_markdown(runs)
+def table_body(records: list[RunRecord], options: dict[str, Any], line: int) -> str:
+    return (
+        table_markdown(records, options, line)
+        + "\n"
+        + commands_markdown([r.command for r in records])
+        + records_markdown(records)
+    )
+
+
+def figure_body(options: dict[str, Any], runs: list[Run], document_dir: Path) -> str:
     from fipa.plotting import plot_learning_curves, plot_prediction_panels
 
     path = document_dir / options["out"]
@@ -245,7 +327,8 @@ def render_block(kind: str, options: dict[str, Any], runs: list[Run], root: Path
         plot_learning_curves(runs, options["metric"], path)
     else:
         require(plot_prediction_panels(runs, path) > 0, f"plot: fit found no predictions.npz under {options['runs']}")
-    return f"![{options.get('caption', '')}]({options['out']})\n\n" + commands_markdown(runs)
+    caption = options.get("caption", "")
+    return f"![{caption}]({options['out']})\n\n" + commands_markdown([run_command(r) for r in runs])
 
 
 def regenerate(
@@ -255,25 +338,37 @@ def regenerate(
     progress: Callable[[BlockOutcome], None] | None = None,
     only: str | None = None,
 ) -> tuple[str, list[BlockOutcome]]:
-    """The document with every block whose runs exist rewritten from them, and what happened to each block.
-    `only`: rewrite just the blocks whose `runs` name this directory (the study that just finished)."""
+    """The document with every block rewritten from its runs (tables: the runs here and the runs recorded in the
+    block), and what happened to each block. `only`: rewrite just the blocks whose `runs` name this directory (the
+    study that just finished)."""
     outcomes: list[BlockOutcome] = []
 
     def replace(match: re.Match) -> str:
         line = text.count("\n", 0, match.start()) + 1
-        kind = match["kind"]
+        kind, body = match["kind"], match["body"]
         options = parse_options(kind, match["options"], line)
-        selected = only is None or Path(only) in map(Path, named_runs(options))
-        runs = block_runs(options, root) if selected else []
-        if not selected:
+        if only is not None and Path(only) not in map(Path, named_runs(options)):
             outcome = BlockOutcome(line, kind, 0, f"kept: {options['runs']} not selected by only={only}")
-            body = match["body"]
-        elif not runs:
-            outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
-            body = match["body"]
+        elif kind == "table":
+            bases = study_dirs(options, root)
+            present = [record_run(run, options, root, bases) for run in block_runs(options, root)]
+            records = merge_records(read_records(body, line), present)
+            if records:
+                body = table_body(records, options, line)
+                outcome = BlockOutcome(
+                    line,
+                    kind,
+                    len(records),
+                    f"table from {len(records)} runs "
+                    f"({len(present)} here, {len(records) - len(present)} recorded before)",
+                )
+            else:
+                outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
+        elif runs := block_runs(options, root):
+            body = figure_body(options, runs, document_dir)
+            outcome = BlockOutcome(line, kind, len(runs), f"figure from {len(runs)} runs")
         else:
-            body = render_block(kind, options, runs, root, document_dir)
-            outcome = BlockOutcome(line, kind, len(runs), f"{kind} from {len(runs)} runs")
+            outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
         outcomes.append(outcome)
         if progress:
             progress(outcome)

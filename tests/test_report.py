@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_table_cells_are_median_min_max_over_seeds_of_the_runs_summaries(study):
     assert rows["fedavg"][0].endswith("(n=3, 1 stalled); 3 rounds")
     # the prose outside the blocks is untouched, and a second pass changes nothing
     assert report.startswith("# Results\n\nProse before, kept *as is*.\n\n<!-- report:table\n")
-    assert "-->\n<!-- /report -->\n\nProse between." not in report and "(old table)" not in report
+    assert "(old table)" not in report and "\n<!-- report:runs\n{" in report  # the table and its run records
     assert "\n<!-- /report -->\n\nProse between.\n\n<!-- report:figure\n" in report
     assert report.endswith("<!-- /report -->\nThe end.\n")
     assert regenerate(report, study, study / "docs")[0] == report
@@ -201,7 +202,9 @@ def test_the_command_line_writes_checks_and_refuses_missing_runs_with_strict(stu
     assert "2 of 2 blocks made from runs, 0 kept" in made.stderr and "(old table)" not in document.read_text()
     assert script("docs/results.md", "--check", cwd=study).returncode == 0  # up to date now
     elsewhere = script(str(document), "--strict", "--root", str(tmp_path), "--out", str(tmp_path / "r.md"), cwd=tmp_path)
-    assert elsewhere.returncode == 1 and "0 of 2 blocks made from runs, 2 kept" in elsewhere.stderr
+    # elsewhere the table is made from the runs it recorded; the figure needs its runs and is kept
+    assert elsewhere.returncode == 1 and "1 of 2 blocks made from runs, 1 kept" in elsewhere.stderr
+    assert (tmp_path / "r.md").read_text() == document.read_text()
     bad = script(str(tmp_path / "missing.md"), cwd=tmp_path)
     assert bad.returncode == 2 and "is not a file" in bad.stderr
 
@@ -209,5 +212,33 @@ def test_the_command_line_writes_checks_and_refuses_missing_runs_with_strict(stu
 def test_the_results_documents_blocks_parse_and_are_kept_without_their_runs(tmp_path):
     document = (REPO / "docs" / "results.md").read_text()
     report, outcomes = regenerate(document, tmp_path, tmp_path)
-    assert report == document
-    assert len(outcomes) >= 6 and all(o.runs == 0 for o in outcomes)
+    assert report == document  # tables from their recorded runs reproduce themselves; the rest are kept
+    assert len(outcomes) >= 6 and all(o.runs == 0 for o in outcomes if o.kind == "figure")
+
+
+def test_a_table_adds_up_runs_recorded_elsewhere_and_runs_here_replace_their_records(study, tmp_path):
+    """Seeds made on two machines: each regenerates the document from its own runs plus the other's records."""
+    template = TEMPLATE.format(stall=1).split("Prose between.")[0]
+    full, _ = regenerate(template, study, tmp_path)
+    assert full.count('"run": "results/tiny/aggregator=') == 6
+    # machine A has seeds 0 and 1, machine B seed 2 only: B's pass over A's document gives the full table
+    machine_a, machine_b = tmp_path / "a", tmp_path / "b"
+    for seed in SEEDS:
+        for aggregator in ("fedavg", "fipa"):
+            name = f"aggregator={aggregator},seed={seed}"
+            target = (machine_b if seed == 2 else machine_a) / "results" / "tiny" / name
+            shutil.copytree(study / "results" / "tiny" / name, target)
+    from_a, outcomes = regenerate(template, machine_a, tmp_path)
+    assert outcomes[0].runs == 4 and "(n=2" in from_a
+    from_b, outcomes = regenerate(from_a, machine_b, tmp_path)
+    assert from_b == full and outcomes[0].note == "table from 6 runs (2 here, 4 recorded before)"
+    # with no runs at all, the table regenerates to itself
+    assert regenerate(full, tmp_path / "empty", tmp_path)[0] == full
+    # a run here replaces its record (a record edited by hand does not survive its run's return)
+    tampered = full.replace('"test_mse": ', '"test_mse": 1', 1)
+    assert tampered != full and regenerate(tampered, study, tmp_path)[0] == full
+    # a change of rows that the records cannot answer needs the runs
+    regrouped = full.replace("rows: aggregator", "rows: seed")
+    with pytest.raises(ConfigError, match="line 5: results/tiny/aggregator=fedavg,seed=0 has no seed"):
+        regenerate(regrouped, tmp_path / "empty", tmp_path)
+    assert "| seed |" in regenerate(regrouped, study, tmp_path)[0]
