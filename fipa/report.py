@@ -132,8 +132,9 @@ def format_number(value: float, spec: str | None = None) -> str:
 
 
 def seed_cell(values: Sequence[float], options: dict[str, Any], rounds: Sequence[float] = ()) -> str:
-    """One table cell: median [min, max] (or mean ± std) over the seeds' finite values, the number of seeds, the
-    seeds that diverged (not finite), and with `stall` the seeds above it or not finite."""
+    """One table cell: median [min, max] (or mean ± std) over the seeds' finite values (the value alone when one
+    seed is finite), the number of seeds, the seeds that diverged (not finite), and with `stall` the seeds above it
+    or not finite."""
     scale, spec = float(options.get("scale", 1.0)), options.get("format")
     stats = seed_stats([scale * v for v in values])
 
@@ -142,6 +143,8 @@ def seed_cell(values: Sequence[float], options: dict[str, Any], rounds: Sequence
 
     if not stats["n"]:
         text = "diverged"
+    elif stats["n"] == 1:  # one seed has no spread to show
+        text = show(stats["median"])
     elif options.get("cell", "median") == "mean":
         text = f"{show(stats['mean'])} ± {show(stats['std'])}"
     else:

@@ -137,6 +137,9 @@ def test_a_cell_counts_diverged_and_stalled_seeds():
     assert cell == "0.05 [0.01, 0.2] (n=4, 1 diverged, 2 stalled)"
     assert seed_cell([float("inf")], {"rounds": True}, rounds=[3]) == "diverged (n=1, 1 diverged); 3 rounds"
     assert seed_cell([0.5, 0.7], {"cell": "mean", "scale": 100, "format": ".1f"}) == "60.0 ± 14.1 (n=2)"
+    # one finite seed: its value alone, with no spread, whichever the cell form
+    assert seed_cell([0.5, float("nan")], {"cell": "mean", "scale": 100, "format": ".1f"}) == "50.0 (n=2, 1 diverged)"
+    assert seed_cell([0.25], {}) == "0.25 (n=1)"
 
 
 def test_settings_come_from_path_pairs_path_components_and_the_config(study):
