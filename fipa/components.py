@@ -5,6 +5,7 @@ they hold the same data, the same initial model and the same client halves."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -128,34 +129,49 @@ def assemble(
     )
 
 
+def _option_with_settings(group: str, name: str, settings: Any, key: str) -> DictConfig:
+    """The composed `group=name` node with `settings` (the schedule's `key`) merged in; unknown settings refused."""
+    node = compose_option(group, name)
+    unknown = sorted(str(k) for k in set(settings or {}) - set(node))
+    require(
+        not unknown,
+        f"schedule.{key}: {', '.join(unknown)} not settings of {group}={name} "
+        f"(its settings: {', '.join(str(k) for k in node if k != '_target_')})",
+    )
+    return OmegaConf.merge(node, settings or {})  # type: ignore[return-value]  # dict into dict: a DictConfig
+
+
 def _later_phase(cfg: DictConfig) -> Phase | None:
     """`schedule.switch_round=K schedule.after=<aggregator name>`: rounds after K use that aggregator."""
     schedule = cfg.schedule
     if schedule.switch_round is None:
         keys = ("after", "lr_scale_after", "after_server_optimizer")
         changed = [f"schedule.{key}" for key in keys if schedule.get(key) is not None]
-        changed += ["schedule.after_settings"] if schedule.get("after_settings") else []
+        changed += [f"schedule.{k}" for k in ("after_settings", "after_server_optimizer_settings") if schedule.get(k)]
         require(not changed, f"{' and '.join(changed)} take effect only with schedule.switch_round=<round>")
         return None
     require(schedule.switch_round >= 1, f"schedule.switch_round must be >= 1, got {schedule.switch_round}")
     require(schedule.after is not None, "schedule.switch_round needs schedule.after=<aggregator name>")
     lr_scale = 0.1 if schedule.lr_scale_after is None else schedule.lr_scale_after  # the paper's FIPA-phase cut
     require(lr_scale > 0, f"schedule.lr_scale_after must be > 0, got {lr_scale}")
-    node = compose_option("aggregator", schedule.after)
-    settings = schedule.get("after_settings") or {}
-    unknown = sorted(str(key) for key in set(settings) - set(node))
-    require(
-        not unknown,
-        f"schedule.after_settings: {', '.join(unknown)} not settings of aggregator={schedule.after} "
-        f"(its settings: {', '.join(str(k) for k in node if k != '_target_')})",
-    )
-    node = OmegaConf.merge(node, settings)  # type: ignore[assignment]  # a dict merged into a dict stays a DictConfig
+    node = _option_with_settings("aggregator", schedule.after, schedule.get("after_settings"), "after_settings")
     # Graft the composed node into this config so its interpolations (seed, preset keys) resolve against it.
     with open_dict(cfg):
         cfg.schedule.after_aggregator = node
     optimizer_name = schedule.get("after_server_optimizer")
+    optimizer_settings = schedule.get("after_server_optimizer_settings")
+    require(
+        optimizer_name is not None or not optimizer_settings,
+        "schedule.after_server_optimizer_settings needs schedule.after_server_optimizer=<name>",
+    )
     server_optimizer = (
-        None if optimizer_name is None else instantiate(compose_option("server_optimizer", optimizer_name))
+        None
+        if optimizer_name is None
+        else instantiate(
+            _option_with_settings(
+                "server_optimizer", optimizer_name, optimizer_settings, "after_server_optimizer_settings"
+            )
+        )
     )
     return Phase(
         schedule.switch_round + 1, instantiate(cfg.schedule.after_aggregator), float(lr_scale), server_optimizer

@@ -170,3 +170,26 @@ def test_the_fedrcl_fipa_preset_composes(tmp_path):
     assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
     assert cfg.server_optimizer._target_.endswith("ServerMomentum") and cfg.schedule.after_server_optimizer == "sgd"
     assert cfg.schedule.after == "fipa_lastlayer"
+
+
+def test_the_later_phase_server_optimizer_takes_its_own_settings(tmp_path):
+    """A tuned FedAdam after a FedAvg warm-up: the schedule's settings replace the yaml's, bad keys are refused."""
+    from conftest import compose_config
+
+    from fipa.server_optimizers import ServerAdaptive
+    from fipa.train import build
+
+    phased = ["experiment=regression_1d_m4", "task.points_per_client=20", "aggregator=fedavg",
+              "schedule.switch_round=2", "schedule.after=fedavg", "schedule.after_server_optimizer=adam"]  # fmt: skip
+    tuned = build(compose_config(*phased, "+schedule.after_server_optimizer_settings.lr=0.3",
+                                 "+schedule.after_server_optimizer_settings.tau=1e-2"), tmp_path / "a")  # fmt: skip
+    later = tuned.phases[-1].server_optimizer
+    assert isinstance(later, ServerAdaptive) and (later.rule, later.lr, later.tau, later.beta1) == ("adam", 0.3, 0.01, 0.9)
+    default = build(compose_config(*phased), tmp_path / "b").phases[-1].server_optimizer
+    assert isinstance(default, ServerAdaptive) and (default.lr, default.tau) == (0.01, 1e-3)  # conf/server_optimizer/adam
+    with pytest.raises(ConfigError, match="after_server_optimizer_settings: lrr not settings of server_optimizer=adam"):
+        build(compose_config(*phased, "+schedule.after_server_optimizer_settings.lrr=0.1"), tmp_path / "c")
+    with pytest.raises(ConfigError, match="after_server_optimizer_settings needs schedule.after_server_optimizer"):
+        build(compose_config(*phased[:-1], "+schedule.after_server_optimizer_settings.lr=0.1"), tmp_path / "d")
+    with pytest.raises(ConfigError, match="after_server_optimizer_settings take effect only with schedule.switch_round"):
+        build(compose_config(*phased[:3], "+schedule.after_server_optimizer_settings.lr=0.1"), tmp_path / "e")
