@@ -16,6 +16,7 @@ branched from that checkpoint, one run per variant:
     fedfisher        FedFisher, diagonal Fisher at the clients' trained models (aggregator=fedfisher), client lr x0.1
     fedfisher_kfac   FedFisher with K-FAC Fisher factors (aggregator=fedfisher_kfac), client lr x0.1
     fedadam          FedAvg's direction through FedAdam (server_optimizer=adam), client lr x0.1
+    fedadam_tuned    fedadam at the server lr a grid chose (0.001 against the yaml's 0.01; docs/results.md section 7)
     fednova          FedNova (aggregator=fednova) under unequal local work: each client trains U{2..8} epochs a round
                      (mean 5, the preset's), client lr x0.1. With equal work FedNova is FedAvg exactly.
     fedavg_lr01_unequal  fedavg_lr01 under the same unequal local work (FedNova's like-for-like baseline)
@@ -74,11 +75,15 @@ VARIANTS = {  # name -> overrides for the branch phase (rounds W+1 .. W+P)
     "fedfisher": ["schedule.after=fedfisher"],
     "fedfisher_kfac": ["schedule.after=fedfisher_kfac"],
     "fedadam": ["schedule.after=fedavg", "schedule.after_server_optimizer=adam"],
+    "fedadam_tuned": [  # the server lr of a grid (docs/results.md section 7), as conf/variant/phase_fedadam_tuned
+        "schedule.after=fedavg", "schedule.after_server_optimizer=adam",
+        "+schedule.after_server_optimizer_settings.lr=0.001",
+    ],
     "fednova": ["schedule.after=fednova", *UNEQUAL_WORK],
     "fedavg_lr01_unequal": ["schedule.after=fedavg", *UNEQUAL_WORK],
 }
 # The method matrix (issue 16): every server rule after each client method's warm-up.
-MATRIX = ["fedavg", "fedavg_lr01", "fedadam", "fipa_lastlayer", "fipa", "fednova", "fedavg_lr01_unequal"]
+MATRIX = ["fedavg", "fedavg_lr01", "fedadam", "fedadam_tuned", "fipa_lastlayer", "fipa", "fednova", "fedavg_lr01_unequal"]
 # Warm-ups and the branches' first phase are FedAvg, whatever train.yaml's default aggregator is (bare fipa-train
 # runs FIPA); the branch phase is chosen by schedule.after.
 WARMUP = ["aggregator=fedavg"]
@@ -233,7 +238,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     colors = {
         "fedavg": "tab:blue", "fedavg_lr01": "tab:green", "fipa": "tab:red", "fipa_lastlayer": "tab:orange",
         "fipa_kfac": "tab:purple", "fipa_kfac_all": "tab:olive", "fedfisher": "tab:brown", "fedfisher_kfac": "tab:pink",
-        "fedadam": "tab:gray", "fednova": "tab:cyan", "fedavg_lr01_unequal": "tab:olive",
+        "fedadam": "tab:gray", "fedadam_tuned": "black", "fednova": "tab:cyan", "fedavg_lr01_unequal": "tab:olive",
     }
     for client in sorted({r["client"] for r in rows}):
         fig = Figure(figsize=(6, 4))

@@ -182,7 +182,8 @@ def test_cli_invalid_value_is_one_clear_line(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- sweep presets
 PHASE_AFTER = {"phase_fedavg": "fedavg", "phase_fedavg_lr01": "fedavg", "phase_fipa": "fipa_damped",
-               "phase_fipa_lastlayer": "fipa_lastlayer", "phase_fedadam": "fedavg", "phase_fednova": "fednova",
+               "phase_fipa_lastlayer": "fipa_lastlayer", "phase_fedadam": "fedavg", "phase_fedadam_tuned": "fedavg",
+               "phase_fednova": "fednova",
                "phase_fedavg_lr01_unequal": "fedavg"}
 VARIANT_AGGREGATORS = {"fedavg": "FedAvg", "fedavg_10x": "FedAvg", "fedavg_tau1000": "FedAvg", "fipa": "FIPA", "fipa_full": "FIPA",
                        "fipa_anchored": "FIPA", "fipa_adaptive": "FIPA", "fipa_robust": "FIPA", "fipa_full_tau200": "FIPA",
@@ -231,6 +232,7 @@ def test_the_matrix_gives_fedrcl_its_fedavgm_warm_up_and_each_arm_its_own_server
         after[dict(o.split("=") for o in job)["variant"]] = cfg.schedule.after_server_optimizer
     assert after.pop("phase_fedavg") is None  # FedAvgM continues, state and all
     assert after.pop("phase_fedadam") == "adam"
+    assert after.pop("phase_fedadam_tuned") == "adam"
     assert set(after.values()) == {"sgd"}
     # FedNova and its baseline share the unequal local work; the other arms keep the preset's 5 epochs
     for variant, work in [("phase_fednova", (2, 8)), ("phase_fedavg_lr01_unequal", (2, 8)), ("phase_fipa", (5, None))]:

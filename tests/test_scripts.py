@@ -300,7 +300,7 @@ def test_image_table_warms_up_and_branches_from_fedavg_whatever_the_default_aggr
     assert cfg.schedule.after == after
 
 
-@pytest.mark.parametrize("variant", ["warmup", "fedavg", "fipa_lastlayer", "fedadam", "fednova"])
+@pytest.mark.parametrize("variant", ["warmup", "fedavg", "fipa_lastlayer", "fedadam", "fedadam_tuned", "fednova"])
 def test_image_table_gives_fedrcl_a_fedavgm_warm_up_and_plain_steps_after_it(variant):
     from fipa.config import compose
 
@@ -314,9 +314,10 @@ def test_image_table_gives_fedrcl_a_fedavgm_warm_up_and_plain_steps_after_it(var
     cfg = compose(overrides)
     assert cfg.client.callbacks[0]._target_.endswith("FedRCL")
     assert cfg.server_optimizer._target_.endswith("ServerMomentum")  # the warm-up's, and the fedavg arm's
-    after = {"warmup": None, "fedavg": None, "fedadam": "adam"}.get(variant, "sgd")
+    after = {"warmup": None, "fedavg": None, "fedadam": "adam", "fedadam_tuned": "adam"}.get(variant, "sgd")
     assert cfg.schedule.after_server_optimizer == after
-    assert cfg.schedule.after == {"warmup": None, "fedavg": None, "fedadam": "fedavg"}.get(variant, variant)
+    expected = {"warmup": None, "fedavg": None, "fedadam": "fedavg", "fedadam_tuned": "fedavg"}.get(variant, variant)
+    assert cfg.schedule.after == expected
 
 
 def test_rounds_table_medians_worst_ratio_and_first_round_ahead(tmp_path):
@@ -357,6 +358,7 @@ def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client
         if arm != "fedavg":  # the script's fedavg arm does not switch; the preset's switches to the same rule
             assert script.schedule.after == preset.schedule.after, arm
         assert script.schedule.after_server_optimizer == preset.schedule.after_server_optimizer, arm
+        assert script.schedule.after_server_optimizer_settings == preset.schedule.after_server_optimizer_settings, arm
         assert script.schedule.lr_scale_after == preset.schedule.lr_scale_after, arm
         assert script.federation.local_epochs == preset.federation.local_epochs, arm
         assert script.federation.local_epochs_max == preset.federation.local_epochs_max, arm
