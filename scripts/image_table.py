@@ -195,9 +195,11 @@ def _phase_seconds(run_dir: Path, after_round: int) -> float:
 
 
 def _variant_order(name: str) -> tuple[float, int]:
-    """By branch point (the warm-up's end last), then in VARIANTS' order."""
+    """By branch point (the warm-up's end last), then in VARIANTS' order (arms it does not know last: a directory
+    made by another version of this script, or by hand)."""
     variant, _, at = name.partition("@")
-    return float(at or math.inf), list(VARIANTS).index(variant)
+    known = list(VARIANTS)
+    return float(at or math.inf), known.index(variant) if variant in known else len(known)
 
 
 def _mean_std(values: list[float]) -> str:
