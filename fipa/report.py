@@ -102,11 +102,17 @@ def setting(run: Run, key: str, bases: Sequence[Path]) -> str | None:
     return str(node)
 
 
+def wanted_settings(where: dict[str, Any] | None) -> dict[str, set[str]]:
+    """A block's `where` (setting: value or [values]) as setting -> the values kept."""
+    return {
+        str(key): {str(v) for v in (values if isinstance(values, list) else [values])}
+        for key, values in (where or {}).items()
+    }
+
+
 def keep_where(runs: list[Run], where: dict[str, Any], bases: Sequence[Path]) -> list[Run]:
     """The runs whose settings match every `key: value` (or `key: [values]`) of `where`."""
-    wanted = {
-        key: {str(v) for v in (values if isinstance(values, list) else [values])} for key, values in where.items()
-    }
+    wanted = wanted_settings(where)
     return [run for run in runs if all(setting(run, key, bases) in values for key, values in wanted.items())]
 
 
@@ -227,10 +233,7 @@ def table_markdown(records: list[RunRecord], options: dict[str, Any], line: int)
     """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
     rows_key, columns_key, metric = options["rows"], options.get("columns"), options["metric"]
     labels = {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
-    where = {
-        str(key): {str(v) for v in (values if isinstance(values, list) else [values])}
-        for key, values in (options.get("where") or {}).items()
-    }
+    where = wanted_settings(options.get("where"))
     cells: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
         missing = [k for k in [*setting_keys(options), value_key(options)] if k not in record.settings | record.values]
