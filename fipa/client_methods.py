@@ -64,9 +64,14 @@ class Scaffold(ClientCallback):
     c <- c + (1/num_clients) sum_i delta c_i when the next round starts, so no aggregator support is needed.
     Server side: c, the clients' c_i (flat CPU tensors, one per client that has trained, never a model object)
     and the running sum. Worker side: the correction for the client being trained.
+
+    `clip_norm` clips the corrected gradient's norm before each step, as Acar et al.'s SCAFFOLD baseline does (norm
+    10): with few clients a round, stale c_i can make the correction outgrow the gradient and the run diverge.
     """
 
-    def __init__(self):
+    def __init__(self, clip_norm: float | None = None):
+        require(clip_norm is None or clip_norm > 0, f"client.clip_norm must be > 0 or null, got {clip_norm}")
+        self.clip_norm = clip_norm
         self.server_control: torch.Tensor | None = None
         self.client_controls: dict[int, torch.Tensor] = {}
         self._pending: torch.Tensor | None = None  # sum of this round's delta c_i, applied next round
@@ -113,10 +118,12 @@ class Scaffold(ClientCallback):
         self._steps, self._lr = 0, 0.0
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        pairs = [(p.grad, c) for p, c in zip(self._params, self._correction) if p.grad is not None]
+        pairs = [(p, c) for p, c in zip(self._params, self._correction) if p.grad is not None]
         if pairs:
-            grads, corrections = zip(*pairs)
-            torch._foreach_add_(list(grads), list(corrections))
+            params, corrections = zip(*pairs)
+            torch._foreach_add_([p.grad for p in params], list(corrections))
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         self._steps += 1
         self._lr = optimizer.param_groups[0]["lr"]
 

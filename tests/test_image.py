@@ -91,6 +91,32 @@ def test_scaffold_control_variates_follow_option_two_by_hand():
     torch.testing.assert_close(scaffold.server_control, torch.tensor([0.5 - 0.025, 0.2 - 0.1]))
 
 
+def test_scaffold_clips_the_corrected_gradient_and_its_control_sees_the_clipped_steps():
+    """Zero-gradient loss: the correction c - c_i = [0.3, 0.4] (norm 0.5) alone moves the weights; clip_norm 0.25
+    halves every step, and option II's c_i+ is computed from the clipped displacement."""
+    lr = 0.1
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    scaffold = Scaffold(clip_norm=0.25)
+    module = FakeModule(model, client_id=1, round_idx=1, num_clients=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scaffold.begin_client(1, torch.tensor([0.5, 0.2]), torch.tensor([0.2, -0.2]))
+    scaffold.on_train_start(None, module)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (0.0 * model(torch.ones(1, 2)).sum()).backward()
+        scaffold.on_before_optimizer_step(None, module, optimizer)
+        optimizer.step()
+    # each step: w -= lr * 0.5 * [0.3, 0.4] = [0.015, 0.02]
+    torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.03, -1.0 - 0.04]]))
+    scaffold.on_train_end(None, module)
+    # c_i+ = [0.2, -0.2] - [0.5, 0.2] + [0.03, 0.04] / (2 * 0.1) = [-0.15, -0.2]
+    torch.testing.assert_close(scaffold.end_client(), torch.tensor([-0.15, -0.2]))
+    with pytest.raises(ConfigError, match="clip_norm"):
+        Scaffold(clip_norm=0.0)
+
+
 @pytest.mark.parametrize("client", ["fedprox", "scaffold", "moon"])
 def test_client_methods_combine_with_last_layer_fipa(client, tmp_path):
     cfg = compose_config(*DIGITS, f"client={client}", "aggregator=fipa_lastlayer")
