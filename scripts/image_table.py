@@ -88,6 +88,9 @@ MATRIX = ["fedavg", "fedavg_lr01", "fedadam", "fedadam_tuned", "fipa_lastlayer",
 # runs FIPA); the branch phase is chosen by schedule.after.
 WARMUP = ["aggregator=fedavg"]
 WARMUP_SERVER = {"fedrcl": ["server_optimizer=momentum"]}  # the client method's own warm-up server optimizer
+# The client method's own settings, warm-up and branches alike: SCAFFOLD clips its corrected gradient at norm 10, as
+# Acar et al.'s SCAFFOLD baseline does (unclipped, its warm-up diverged at round ~75: docs/results.md section 7).
+CLIENT_SETTINGS = {"scaffold": ["client.clip_norm=10"]}
 
 
 def _server_overrides(client: str, variant: str | None) -> list[str]:
@@ -101,7 +104,8 @@ def _server_overrides(client: str, variant: str | None) -> list[str]:
 
 def warmup_overrides(args, client: str, seed: int) -> list[str]:
     return [
-        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, None), f"client={client}", f"seed={seed}",
+        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, None), f"client={client}",
+        *CLIENT_SETTINGS.get(client, []), f"seed={seed}",
         f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.checkpoint_every or args.warmup}",
         *args.override,
     ]
@@ -111,7 +115,7 @@ def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Pat
     switch = [f"schedule.switch_round={at}"] if VARIANTS[variant] else []
     return [
         f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, variant), f"client={client}",
-        f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={at + args.phase}", *switch,
+        *CLIENT_SETTINGS.get(client, []), f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={at + args.phase}", *switch,
         *VARIANTS[variant], *args.override,
     ]
 

@@ -339,14 +339,19 @@ def test_rounds_table_medians_worst_ratio_and_first_round_ahead(tmp_path):
     assert script("rounds_table.py", tmp_path / "nothing").returncode == 1
 
 
-@pytest.mark.parametrize("client", ["plain", "fedrcl"])
+@pytest.mark.parametrize("client", ["plain", "fedrcl", "scaffold"])
 def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client):
-    """scripts/image_table.py --variants matrix and fipa-train -m sweep=matrix(_fedrcl) run the same later phase."""
+    """scripts/image_table.py --variants matrix and fipa-train -m sweep=matrix(_fedrcl, _scaffold) run the same
+    warm-up and later phase."""
     from fipa.config import compose
 
     table = _image_table()
     args = argparse.Namespace(experiment="fmnist_dirichlet", warmup=100, phase=20, override=[], checkpoint_every=None)
-    sweep = "matrix_fedrcl" if client == "fedrcl" else "matrix"
+    sweep = {"fedrcl": "matrix_fedrcl", "scaffold": "matrix_scaffold"}.get(client, "matrix")
+    warmup = compose(table.warmup_overrides(args, client, 0))
+    assert warmup.client == compose([f"sweep={sweep}", "experiment=fmnist_dirichlet", f"client={client}"]).client
+    if client == "scaffold":  # clipped, as Acar et al.'s baseline; unclipped it diverged
+        assert warmup.client.callbacks[0].clip_norm == 10
     for arm in table.MATRIX:
         script = compose(table.branch_overrides(args, client, arm, 0, Path("/nowhere/round_100.pt"), 100))
         preset = compose([f"sweep={sweep}", "experiment=fmnist_dirichlet", f"client={client}", f"variant=phase_{arm}"])
@@ -363,6 +368,7 @@ def test_image_tables_matrix_arms_branch_as_the_sweep_presets_variants_do(client
         assert script.federation.local_epochs == preset.federation.local_epochs, arm
         assert script.federation.local_epochs_max == preset.federation.local_epochs_max, arm
         assert script.server_optimizer == preset.server_optimizer, arm
+        assert script.client == preset.client, arm
 
 
 def test_image_table_branches_at_several_points_of_one_warm_up(tmp_path):
