@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +208,46 @@ def plot_learning_curves(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, legend_in / (3.6 + legend_in), 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def plot_grouped_bars(
+    cells: Mapping[tuple[str, str], Sequence[float]],
+    groups: Sequence[str],
+    bars: Sequence[str],
+    path: str | Path,
+    ylabel: str,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Bars grouped along x (one group per `groups` value, one coloured bar per `bars` value): the mean over seeds,
+    a whisker from the lowest to the highest seed, and under each group the number of seeds (fewest-most)."""
+    names = names or {}
+    fig = _figure((min(14.0, max(6.0, 0.28 * len(groups) * max(1, len(bars)) + 3)), 4.6))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(bars))
+    for j, bar in enumerate(bars):
+        label: str | None = names.get(bar, bar)
+        for i, group in enumerate(groups):
+            values = cells.get((group, bar), [])
+            if not values:
+                continue
+            x = i + (j - (len(bars) - 1) / 2) * width
+            ax.bar(x, statistics.fmean(values), width, color=ARM_COLORS[j % len(ARM_COLORS)], label=label)
+            label = None  # one legend entry per bar kind
+            ax.plot([x, x], [min(values), max(values)], color="k", lw=1)
+
+    def seeds(group: str) -> str:
+        counts = sorted(len(cells[(group, bar)]) for bar in bars if cells.get((group, bar)))
+        return "0" if not counts else f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
+
+    ax.set_xticks(range(len(groups)), [f"{names.get(g, g)}\n(seeds: {seeds(g)})" for g in groups])
+    ax.set_ylabel(ylabel)
+    lowest = min((min(v) for v in cells.values() if v), default=0.0)
+    highest = max((max(v) for v in cells.values() if v), default=1.0)
+    ax.set_ylim(lowest - 0.1 * (highest - lowest), highest + 0.05 * (highest - lowest))
+    ax.grid(alpha=0.3, axis="y", lw=0.4)
+    ax.legend(fontsize=7, ncol=min(5, max(1, len(bars))), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 

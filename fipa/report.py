@@ -29,8 +29,11 @@ Block kinds and their options (YAML inside the opening comment):
   whose value is above it, or not finite), `rounds` (add the median number of rounds), `labels` (value: shown
   name), `row_order` / `column_order` (values first in this order, then the rest sorted).
 - `figure`: `runs`, `where`, `plot` (`curves`: the metric against round and against time, a line per run and the
-  arm's median; `fit`: the fitted functions or PINN error maps), `metric`, `out` (the PNG, relative to the
-  document), `caption`.
+  arm's median; `fit`: the fitted functions or PINN error maps; `bars`: a table's cells as grouped bars, mean
+  over seeds with a min-max whisker, from `rows` (the groups), `columns` (the bars) and the table options `last`,
+  `scale`, `labels`, `row_order`, `column_order`), `metric`, `out` (the PNG, relative to the document), `caption`.
+  A `bars` figure keeps its runs' records as a table does: redrawn whenever some of its runs are here, it shows
+  every run it ever recorded.
 Every block ends with the commands that made its runs (`command.txt` of each run directory, written by
 fipa.train.run when the run starts).
 """
@@ -66,7 +69,8 @@ RECORDS = re.compile(r"<!-- report:runs\n(.*?)-->\n", re.S)
 OPTIONS = {
     "table": {"runs", "metric", "rows", "columns", "where", "cell", "last", "scale", "format", "stall", "rounds",
               "labels", "row_order", "column_order"},
-    "figure": {"runs", "where", "plot", "metric", "out", "caption"},
+    "figure": {"runs", "where", "plot", "metric", "out", "caption", "rows", "columns", "last", "scale", "labels",
+               "row_order", "column_order"},
 }  # fmt: skip
 
 
@@ -229,10 +233,13 @@ def records_markdown(records: list[RunRecord]) -> str:
     return "<!-- report:runs\n" + "".join(r.to_json() + "\n" for r in records) + "-->\n"
 
 
-def table_markdown(records: list[RunRecord], options: dict[str, Any], line: int) -> str:
-    """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
+Cells = dict[tuple[str, str], list[RunRecord]]
+
+
+def grouped_records(records: list[RunRecord], options: dict[str, Any], line: int) -> tuple[Cells, list[str], list[str]]:
+    """The records kept by `where`, by (row, column) (one column, `metric`, without `columns`), each cell in seed
+    order, with the rows and columns in display order."""
     rows_key, columns_key, metric = options["rows"], options.get("columns"), options["metric"]
-    labels = {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
     where = wanted_settings(options.get("where"))
     cells: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
@@ -246,20 +253,35 @@ def table_markdown(records: list[RunRecord], options: dict[str, Any], line: int)
             continue
         row, column = record.settings[rows_key], record.settings[columns_key] if columns_key else metric
         cells.setdefault((row, column), []).append(record)
-    row_values = ordered({r for r, _ in cells}, options.get("row_order"))
-    column_values = ordered({c for _, c in cells}, options.get("column_order"))
+    for arm in cells.values():
+        arm.sort(key=lambda r: (r.seed is None, r.seed or 0))
+    return (
+        cells,
+        ordered({r for r, _ in cells}, options.get("row_order")),
+        ordered({c for _, c in cells}, options.get("column_order")),
+    )
+
+
+def block_labels(options: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (options.get("labels") or {}).items()}
+
+
+def table_markdown(records: list[RunRecord], options: dict[str, Any], line: int) -> str:
+    """Rows x columns of seed cells (one column, `metric`, without `columns`)."""
+    labels = block_labels(options)
+    cells, row_values, column_values = grouped_records(records, options, line)
 
     def name(value: str) -> str:
         return labels.get(value, value)
 
     lines = [
-        f"| {name(rows_key)} | " + " | ".join(map(name, column_values)) + " |",
+        f"| {name(options['rows'])} | " + " | ".join(map(name, column_values)) + " |",
         "|---|" + "---|" * len(column_values),
     ]
     for row in row_values:
         texts = []
         for column in column_values:
-            arm = sorted(cells.get((row, column), []), key=lambda r: (r.seed is None, r.seed or 0))
+            arm = cells.get((row, column), [])
             values = [r.values[value_key(options)] for r in arm]
             texts.append(seed_cell(values, options, [r.rounds for r in arm]) if arm else "–")
         lines.append(f"| {name(row)} | " + " | ".join(texts) + " |")
@@ -292,8 +314,9 @@ def parse_options(kind: str, text: str, line: int) -> dict[str, Any]:
     missing = [name for name in required if name not in options]
     require(not missing, f"line {line}: report:{kind} needs {', '.join(missing)}")
     if kind == "figure":
-        require(options["plot"] in ("curves", "fit"), f"line {line}: plot must be curves or fit")
-        require(options["plot"] == "fit" or "metric" in options, f"line {line}: plot: curves needs a metric")
+        require(options["plot"] in ("curves", "fit", "bars"), f"line {line}: plot must be curves, fit or bars")
+        require(options["plot"] == "fit" or "metric" in options, f"line {line}: plot: {options['plot']} needs a metric")
+        require(options["plot"] != "bars" or "rows" in options, f"line {line}: plot: bars needs rows")
     return options
 
 
@@ -315,10 +338,36 @@ def block_runs(options: dict[str, Any], root: Path) -> list[Run]:
     return keep_where(done, options.get("where") or {}, bases)
 
 
+def block_records(options: dict[str, Any], body: str, root: Path, line: int) -> tuple[list[RunRecord], list[RunRecord]]:
+    """The records of the block's runs on this machine, and those merged with the records the block kept."""
+    bases = study_dirs(options, root)
+    present = [record_run(run, options, root, bases) for run in block_runs(options, root)]
+    return present, merge_records(read_records(body, line), present)
+
+
 def table_body(records: list[RunRecord], options: dict[str, Any], line: int) -> str:
     return (
         table_markdown(records, options, line)
         + "\n"
+        + commands_markdown([r.command for r in records])
+        + records_markdown(records)
+    )
+
+
+def bars_body(records: list[RunRecord], options: dict[str, Any], document_dir: Path, line: int) -> str:
+    """A table's cells drawn as grouped bars (plotting.plot_grouped_bars), its commands and its records."""
+    from fipa.plotting import plot_grouped_bars
+
+    cells, groups, bars = grouped_records(records, options, line)
+    scale = float(options.get("scale", 1.0))
+    values = {cell: [scale * r.values[value_key(options)] for r in arm] for cell, arm in cells.items()}
+    finite = {cell: [v for v in arm if math.isfinite(v)] for cell, arm in values.items()}
+    last = f", mean of the last {options['last']} rounds" if options.get("last") else ""
+    path = document_dir / options["out"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_grouped_bars(finite, groups, bars, path, f"{options['metric']}{last}", block_labels(options))
+    return (
+        f"![{options.get('caption', '')}]({options['out']})\n\n"
         + commands_markdown([r.command for r in records])
         + records_markdown(records)
     )
@@ -356,9 +405,7 @@ def regenerate(
         if only is not None and Path(only) not in map(Path, named_runs(options)):
             outcome = BlockOutcome(line, kind, 0, f"kept: {options['runs']} not selected by only={only}")
         elif kind == "table":
-            bases = study_dirs(options, root)
-            present = [record_run(run, options, root, bases) for run in block_runs(options, root)]
-            records = merge_records(read_records(body, line), present)
+            present, records = block_records(options, body, root, line)
             if records:
                 body = table_body(records, options, line)
                 outcome = BlockOutcome(
@@ -368,6 +415,13 @@ def regenerate(
                     f"table from {len(records)} runs "
                     f"({len(present)} here, {len(records) - len(present)} recorded before)",
                 )
+            else:
+                outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
+        elif options["plot"] == "bars":  # redrawn only where some of its runs are: no runs, no change
+            present, records = block_records(options, body, root, line)
+            if present:
+                body = bars_body(records, options, document_dir, line)
+                outcome = BlockOutcome(line, kind, len(records), f"bars from {len(records)} runs ({len(present)} here)")
             else:
                 outcome = BlockOutcome(line, kind, 0, f"kept: no completed runs under {options['runs']}")
         elif runs := block_runs(options, root):

@@ -274,37 +274,15 @@ def plot_curves(rows: list[dict], out: Path) -> None:
 def plot_matrix(rows: list[dict], out: Path) -> None:
     """OUT/matrix.png: the last-5 accuracy of every arm, grouped by client method (bar: mean over seeds; whisker:
     min to max; the number of seeds under each group)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fipa.plotting import plot_grouped_bars
 
-    clients = [c for c in CLIENTS if any(r["client"] == c for r in rows)]
-    arms = [v for v in MATRIX if any(r["variant"] == v for r in rows)]
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(arms))
-    for j, arm in enumerate(arms):
-        label = arm
-        for i, client in enumerate(clients):
-            values = [100 * r["test_acc_last5"] for r in rows if r["client"] == client and r["variant"] == arm]
-            if not values:
-                continue
-            mean = statistics.mean(values)
-            x = i + (j - (len(arms) - 1) / 2) * width
-            ax.bar(x, mean, width, color=f"C{j}", label=label)
-            label = None  # one legend entry per arm
-            ax.plot([x, x], [min(values), max(values)], color="k", lw=1)
-    def seeds(client: str) -> str:  # per arm, fewest to most
-        counts = sorted(sum(r["client"] == client and r["variant"] == a for r in rows) for a in arms)
-        counts = [n for n in counts if n]
-        return f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
-
-    ax.set_xticks(range(len(clients)), [f"{c}\n(seeds: {seeds(c)})" for c in clients])
-    ax.set_ylabel("test accuracy %, mean of the last 5 rounds")
-    ax.set_ylim(bottom=max(0, min((100 * r["test_acc_last5"] for r in rows), default=0) - 5))
-    ax.legend(fontsize=8, ncol=4, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "matrix.png", dpi=110)
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["variant"] in MATRIX:
+            cells.setdefault((r["client"], r["variant"]), []).append(100 * r["test_acc_last5"])
+    clients = [c for c in CLIENTS if any(client == c for client, _ in cells)]
+    arms = [v for v in MATRIX if any(variant == v for _, variant in cells)]
+    plot_grouped_bars(cells, clients, arms, out / "matrix.png", "test accuracy %, mean of the last 5 rounds")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,3 +245,51 @@ def test_a_table_adds_up_runs_recorded_elsewhere_and_runs_here_replace_their_rec
     with pytest.raises(ConfigError, match="line 5: results/tiny/aggregator=fedavg,seed=0 has no seed"):
         regenerate(regrouped, tmp_path / "empty", tmp_path)
     assert "| seed |" in regenerate(regrouped, study, tmp_path)[0]
+
+
+BARS = """<!-- report:figure
+runs: results/tiny
+plot: bars
+rows: aggregator
+metric: test_mse
+last: 2
+scale: 1000
+labels: {fedavg: FedAvg}
+out: figures/bars.png
+caption: tiny bars
+-->
+<!-- /report -->
+"""
+
+
+def test_a_bars_figure_draws_a_tables_cells_and_adds_up_recorded_runs_like_a_table(study, tmp_path, monkeypatch):
+    import fipa.plotting
+
+    drawn = []
+    real = fipa.plotting.plot_grouped_bars
+    monkeypatch.setattr(fipa.plotting, "plot_grouped_bars", lambda *args, **kw: (drawn.append(args), real(*args, **kw)))
+    full, outcomes = regenerate(BARS, study, tmp_path)
+    assert outcomes[0].note == "bars from 6 runs (6 here)" and full.count('"run": "results/tiny/aggregator=') == 6
+    assert (tmp_path / "figures" / "bars.png").read_bytes()[:8] == PNG_MAGIC
+    cells, groups, bars, _, ylabel, names = drawn[-1]
+    assert groups == ["fedavg", "fipa"] and bars == ["test_mse"] and names == {"fedavg": "FedAvg"}
+    assert ylabel == "test_mse, mean of the last 2 rounds"
+    for aggregator in groups:  # each bar's seeds: the runs' own last-2 means, scaled
+        expected = [1000 * last_mean(study, aggregator, seed, "test_mse", 2) for seed in SEEDS]
+        assert cells[(aggregator, "test_mse")] == pytest.approx(expected, rel=1e-12)
+    # seeds 0-1 here, seed 2 on another machine: the second pass draws all six from its runs and the records
+    machine_a, machine_b = tmp_path / "a", tmp_path / "b"
+    for seed in SEEDS:
+        for aggregator in ("fedavg", "fipa"):
+            name = f"aggregator={aggregator},seed={seed}"
+            shutil.copytree(study / "results" / "tiny" / name, (machine_b if seed == 2 else machine_a) / "results" / "tiny" / name)
+    from_a, _ = regenerate(BARS, machine_a, tmp_path)
+    assert len(drawn[-1][0][("fipa", "test_mse")]) == 2
+    from_b, outcomes = regenerate(from_a, machine_b, tmp_path)
+    assert from_b == full and outcomes[0].note == "bars from 6 runs (2 here)"
+    assert drawn[-1][0] == cells
+    # no runs here: the block and its picture are left as they are
+    count = len(drawn)
+    assert regenerate(full, tmp_path / "empty", tmp_path)[0] == full and len(drawn) == count
+    with pytest.raises(ConfigError, match="plot: bars needs rows"):
+        regenerate(BARS.replace("rows: aggregator\n", ""), study, tmp_path)
