@@ -55,29 +55,39 @@ class FakeModule(nn.Module):
         self.model, self.client_id, self.round_idx, self.num_clients = model, client_id, round_idx, num_clients
 
 
-def test_scaffold_control_variates_follow_option_two_by_hand():
-    """Two SGD steps on a zero-gradient loss: the correction alone moves the weights, so every number is known."""
-    lr, num_clients = 0.1, 4
-    model = nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
-    scaffold = Scaffold()
-    scaffold.server_control = torch.tensor([0.5, 0.2])
-    scaffold.client_controls[1] = torch.tensor([0.1, 0.4])
-    module = FakeModule(model, client_id=1, round_idx=1, num_clients=num_clients)
+def scaffold_steps(scaffold: Scaffold, model: nn.Module, module: FakeModule, lr: float, steps: int = 2) -> None:
+    """SGD steps on a zero-gradient loss, so that SCAFFOLD's correction alone moves the weights."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    # server side ships c and c_1 with the job; the worker side trains client 1 with them
-    scaffold.on_round_start(1, num_clients)
-    scaffold.begin_client(1, scaffold.round_state(), scaffold.client_state(1))
     scaffold.on_train_start(None, module)
-    for _ in range(2):
+    for _ in range(steps):
         optimizer.zero_grad()
         (0.0 * model(torch.ones(1, 2)).sum()).backward()
         scaffold.on_before_optimizer_step(None, module, optimizer)
         optimizer.step()
+    scaffold.on_train_end(None, module)
+
+
+def linear_at(weights: list[float]) -> nn.Linear:
+    model = nn.Linear(len(weights), 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([weights]))
+    return model
+
+
+def test_scaffold_control_variates_follow_option_two_by_hand():
+    """Two SGD steps on a zero-gradient loss: the correction alone moves the weights, so every number is known."""
+    lr, num_clients = 0.1, 4
+    model = linear_at([1.0, -1.0])
+    scaffold = Scaffold()
+    scaffold.server_control = torch.tensor([0.5, 0.2])
+    scaffold.client_controls[1] = torch.tensor([0.1, 0.4])
+    module = FakeModule(model, client_id=1, round_idx=1, num_clients=num_clients)
+    # server side ships c and c_1 with the job; the worker side trains client 1 with them
+    scaffold.on_round_start(1, num_clients)
+    scaffold.begin_client(1, scaffold.round_state(), scaffold.client_state(1))
+    scaffold_steps(scaffold, model, module, lr)
     # each step: w -= lr * (c - c_i) = lr * [0.4, -0.2]
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.08, -1.0 + 0.04]]))
-    scaffold.on_train_end(None, module)
     # c_i+ = c_i - c + (x - y) / (K lr) = [0.1, 0.4] - [0.5, 0.2] + [0.08, -0.04] / 0.2 = [0.0, 0.0]
     new_control = scaffold.end_client()
     torch.testing.assert_close(new_control, torch.tensor([0.0, 0.0]))
@@ -94,23 +104,12 @@ def test_scaffold_control_variates_follow_option_two_by_hand():
 def test_scaffold_clips_the_corrected_gradient_and_its_control_sees_the_clipped_steps():
     """Zero-gradient loss: the correction c - c_i = [0.3, 0.4] (norm 0.5) alone moves the weights; clip_norm 0.25
     halves every step, and option II's c_i+ is computed from the clipped displacement."""
-    lr = 0.1
-    model = nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    model = linear_at([1.0, -1.0])
     scaffold = Scaffold(clip_norm=0.25)
-    module = FakeModule(model, client_id=1, round_idx=1, num_clients=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaffold.begin_client(1, torch.tensor([0.5, 0.2]), torch.tensor([0.2, -0.2]))
-    scaffold.on_train_start(None, module)
-    for _ in range(2):
-        optimizer.zero_grad()
-        (0.0 * model(torch.ones(1, 2)).sum()).backward()
-        scaffold.on_before_optimizer_step(None, module, optimizer)
-        optimizer.step()
+    scaffold_steps(scaffold, model, FakeModule(model, client_id=1, round_idx=1, num_clients=4), lr=0.1)
     # each step: w -= lr * 0.5 * [0.3, 0.4] = [0.015, 0.02]
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.03, -1.0 - 0.04]]))
-    scaffold.on_train_end(None, module)
     # c_i+ = [0.2, -0.2] - [0.5, 0.2] + [0.03, 0.04] / (2 * 0.1) = [-0.15, -0.2]
     torch.testing.assert_close(scaffold.end_client(), torch.tensor([-0.15, -0.2]))
     with pytest.raises(ConfigError, match="clip_norm"):
