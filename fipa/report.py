@@ -359,9 +359,8 @@ def bars_body(records: list[RunRecord], options: dict[str, Any], document_dir: P
     from fipa.plotting import plot_grouped_bars
 
     cells, groups, bars = grouped_records(records, options, line)
-    scale = float(options.get("scale", 1.0))
-    values = {cell: [scale * r.values[value_key(options)] for r in arm] for cell, arm in cells.items()}
-    finite = {cell: [v for v in arm if math.isfinite(v)] for cell, arm in values.items()}
+    scale, key = float(options.get("scale", 1.0)), value_key(options)
+    finite = {cell: [scale * r.values[key] for r in arm if math.isfinite(r.values[key])] for cell, arm in cells.items()}
     last = f", mean of the last {options['last']} rounds" if options.get("last") else ""
     path = document_dir / options["out"]
     path.parent.mkdir(parents=True, exist_ok=True)

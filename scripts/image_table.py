@@ -102,10 +102,18 @@ def _server_overrides(client: str, variant: str | None) -> list[str]:
     return warmup if own else [*warmup, "schedule.after_server_optimizer=sgd"]
 
 
+def _run_overrides(args, client: str, variant: str | None, seed: int) -> list[str]:
+    """What a warm-up (variant None) and its branches share: the task, FedAvg, the server optimizer, the client
+    method with its own settings, and the seed."""
+    return [
+        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, variant), f"client={client}",
+        *CLIENT_SETTINGS.get(client, []), f"seed={seed}",
+    ]
+
+
 def warmup_overrides(args, client: str, seed: int) -> list[str]:
     return [
-        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, None), f"client={client}",
-        *CLIENT_SETTINGS.get(client, []), f"seed={seed}",
+        *_run_overrides(args, client, None, seed),
         f"federation.rounds={args.warmup}", f"federation.checkpoint_every={args.checkpoint_every or args.warmup}",
         *args.override,
     ]
@@ -114,9 +122,8 @@ def warmup_overrides(args, client: str, seed: int) -> list[str]:
 def branch_overrides(args, client: str, variant: str, seed: int, checkpoint: Path, at: int) -> list[str]:
     switch = [f"schedule.switch_round={at}"] if VARIANTS[variant] else []
     return [
-        f"experiment={args.experiment}", *WARMUP, *_server_overrides(client, variant), f"client={client}",
-        *CLIENT_SETTINGS.get(client, []), f"seed={seed}", f"init_from={checkpoint}", f"federation.rounds={at + args.phase}", *switch,
-        *VARIANTS[variant], *args.override,
+        *_run_overrides(args, client, variant, seed), f"init_from={checkpoint}", f"federation.rounds={at + args.phase}",
+        *switch, *VARIANTS[variant], *args.override,
     ]
 
 
